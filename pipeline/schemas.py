@@ -1,0 +1,200 @@
+"""Versioned wire models: everything that crosses a Kafka topic.
+
+Every model forbids unknown fields and carries ``schema_version``. A breaking change gets a new model (``...V2``)
+consumed side by side with the old one during a migration; the CHANGELOG calls it out. Datetimes are always
+timezone-aware. Content text is untrusted: nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+CONTENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+class Decision(str, enum.Enum):
+    """What a platform should do with an item."""
+
+    ALLOW = "allow"  # show it
+    BLOCK = "block"  # remove it
+    HIDE_PENDING = "hide_pending"  # hidden until a final verdict (provisional verdicts only)
+
+
+class Stage(str, enum.Enum):
+    """Which part of the pipeline produced a verdict."""
+
+    TRIAGE = "triage"
+    REASONER = "reasoner"
+    REVIEW = "review"
+
+
+class VerdictStatus(str, enum.Enum):
+    PROVISIONAL = "provisional"
+    FINAL = "final"
+
+
+class Effort(str, enum.Enum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class ContentItem(_Wire):
+    """A piece of user content, published by a producer to ``content.incoming`` (key: ``content_id``)."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    content_id: str = Field(..., pattern=CONTENT_ID_PATTERN, description="The producer's stable id for the item.")
+    text: str = Field(..., description="The user content. Untrusted; never logged above DEBUG.")
+    author_id: str | None = Field(None, max_length=128, description="Opaque id of the author, if known.")
+    platform: str | None = Field(None, max_length=64, description="Which surface the item came from.")
+    language: str | None = Field(None, max_length=16, description="BCP-47 language tag, if known.")
+    policy_ids: list[str] | None = Field(
+        None, description="Policies to judge the item against; None means every enforcing policy."
+    )
+    created_at: AwareDatetime = Field(default_factory=utcnow, description="When the producer created the item.")
+
+
+class TriageScores(_Wire):
+    """What the triage classifier said about an item."""
+
+    model_version: str = Field(..., description="Content hash of the triage artefact that scored the item.")
+    violation: float = Field(..., ge=0, le=1, description="Calibrated probability that any policy is violated.")
+    categories: dict[str, float] = Field(
+        default_factory=dict, description="Per-category probabilities (category code -> probability)."
+    )
+    latency_ms: float = Field(..., ge=0, description="Embedding plus scoring time for the item's batch.")
+
+
+class PolicyRef(_Wire):
+    """Which version of which policy a decision was made against."""
+
+    policy_id: str = Field(..., description="Policy folder name, e.g. 'hate'.")
+    version: str = Field(..., description="Author-assigned version from the policy metadata.")
+    content_hash: str = Field(..., description="sha256 (first 16 hex) of the policy text the model read.")
+
+
+class ReasonerCall(_Wire):
+    """One generate call to the reasoning model, as evidence."""
+
+    policy: PolicyRef
+    model: str = Field(..., description="Triton model name that answered.")
+    effort: Effort = Field(..., description="Reasoning effort requested.")
+    violation: bool | None = Field(None, description="The model's answer; None when the output was unusable.")
+    confidence: float | None = Field(None, ge=0, le=1, description="Self-reported confidence (not a probability).")
+    rule_ids: list[str] = Field(default_factory=list, description="Rule ids cited, checked against the policy.")
+    invalid_rule_ids: list[str] = Field(
+        default_factory=list, description="Rule ids the model cited that the policy does not define."
+    )
+    rationale: str = Field("", description="The model's short rationale (final channel).")
+    error: str | None = Field(None, description="Why the call failed or its output was unusable.")
+    latency_ms: float = Field(..., ge=0)
+
+
+class Latency(_Wire):
+    triage_ms: float | None = Field(None, ge=0, description="Triage embedding + scoring time.")
+    reasoner_ms: float | None = Field(None, ge=0, description="Sum of reasoning call times.")
+    since_ingest_ms: float | None = Field(
+        None, description="From the item's arrival on content.incoming (broker timestamp) to this verdict."
+    )
+
+
+class Verdict(_Wire):
+    """A decision about one item, published to ``moderation.verdicts`` (key: ``content_id``).
+
+    Consumers must treat ``verdict_id`` as the idempotency key: a redelivered verdict has the same id. At most
+    one final verdict id exists per ``content_id`` (a later appeal produces a new verdict with ``supersedes``).
+    """
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    verdict_id: str = Field(..., description="Stable id; identical for redelivered copies.")
+    content_id: str = Field(..., pattern=CONTENT_ID_PATTERN)
+    status: VerdictStatus = Field(..., description="provisional (item hidden meanwhile) or final.")
+    decision: Decision
+    stage: Stage = Field(..., description="The stage that decided.")
+    triage: TriageScores | None = Field(None, description="Triage evidence, when triage ran.")
+    policies: list[PolicyRef] = Field(default_factory=list, description="Policies the decision was made against.")
+    reasoner_calls: list[ReasonerCall] = Field(default_factory=list, description="Every reasoning call made.")
+    rule_ids: list[str] = Field(default_factory=list, description="Cited rule ids, all defined by the policies.")
+    rationale: str = Field("", description="Why, in words.")
+    reviewer_id: str | None = Field(None, description="Who decided, for stage=review.")
+    supersedes: str | None = Field(None, description="verdict_id this one replaces (appeals), if any.")
+    latency: Latency = Field(default_factory=Latency)
+    decided_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class EscalationReason(str, enum.Enum):
+    AMBIGUOUS = "ambiguous"  # triage score inside the escalation band
+    HIGH_RISK = "high_risk"  # a high-risk category is forced to the reasoner
+
+
+class Escalation(_Wire):
+    """An item triage could not settle, sent to ``moderation.escalations`` (key: ``content_id``)."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    item: ContentItem
+    triage: TriageScores
+    reason: EscalationReason
+    policy_ids: list[str] = Field(..., min_length=1, description="Policies the reasoner must check.")
+    ingested_at: AwareDatetime = Field(..., description="Broker timestamp of the item on content.incoming.")
+    escalated_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class ReviewReason(str, enum.Enum):
+    EDGE_CASE = "edge_case"  # the model stayed unsure at the highest effort
+    REASONER_FAILED = "reasoner_failed"  # the model was down or its output unusable after retries
+    POLICY_ESCALATE = "policy_escalate"  # a high-risk policy says humans decide
+
+
+class ReviewTask(_Wire):
+    """A job for a human reviewer, on ``moderation.review`` (key: ``content_id``)."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    task_id: str = Field(..., description="Stable id; identical for redelivered copies.")
+    item: ContentItem
+    triage: TriageScores
+    reason: ReviewReason
+    policy_ids: list[str] = Field(..., min_length=1)
+    reasoner_calls: list[ReasonerCall] = Field(default_factory=list, description="What the model said, if anything.")
+    ingested_at: AwareDatetime
+    created_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(_Wire):
+    """A message the pipeline could not process, on ``moderation.deadletter``: enough to replay or fix it."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    stage: str = Field(..., description="Where it failed: triage, reasoning, review_intake, ...")
+    error_type: str = Field(..., description="Exception class, e.g. SchemaError.")
+    error: str = Field(..., description="Human-readable reason (never contains the content text).")
+    topic: str = Field(..., description="Topic the message came from.")
+    partition: int | None = Field(None)
+    offset: int | None = Field(None)
+    key: str | None = Field(None, description="Message key as base64 (keys are untrusted bytes too).")
+    raw_base64: str = Field(..., description="The message value exactly as received, base64-encoded.")
+    content_id: str | None = Field(None, description="The content id, when it could be read.")
+    attempts: int = Field(1, ge=1, description="How many times processing was tried.")
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+WIRE_MODELS: dict[str, type[_Wire]] = {
+    "ContentItem": ContentItem,
+    "Verdict": Verdict,
+    "Escalation": Escalation,
+    "ReviewTask": ReviewTask,
+    "DeadLetter": DeadLetter,
+}
