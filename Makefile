@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ITEMS ?= 200
+
+.PHONY: install demo test test-unit chaos bench stack-down clean
+
+install: $(STAMP)
+
+# torch first, pinned: pip takes the CPU build that lies on disk; anything unpinned would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+		echo "warning: redis-server not found; the local stack needs a Redis at MODPIPE_REDIS__URL"; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/modpipe demo --items $(ITEMS) --json-out out/demo.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m unit
+
+chaos: install
+	$(BIN)/modpipe chaos --items 300 --malformed 10 --kill-worker --json-out out/chaos.json
+
+stack-down:
+	$(BIN)/modpipe stack down
+
+clean:
+	rm -rf $(VENV) .modpipe out .pytest_cache

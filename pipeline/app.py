@@ -1,0 +1,212 @@
+"""The Faust application: one image, several roles, each a thin agent over :mod:`pipeline.handlers`.
+
+Each role is its own consumer group (``<prefix>modpipe-<role>``), so roles scale independently and a worker of
+one role is never assigned partitions of another role's topic. Partitions are the unit of scale inside a role.
+
+Delivery is at-least-once: an agent acknowledges a message only after its effects are published (the handlers
+never raise). If even dead-lettering fails (the broker is gone), the worker exits *without* acknowledging, so the
+message is redelivered after restart rather than lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faust
+
+from pipeline import metrics
+from pipeline.config import Settings
+from pipeline.kafka_io import Publisher, Record, ensure_topics
+from pipeline.store import Store
+
+log = logging.getLogger(__name__)
+
+EXIT_UNRECOVERABLE = 70  # EX_SOFTWARE: a supervisor restarts the worker, the broker redelivers
+
+
+class Role(str, enum.Enum):
+    TRIAGE = "triage"
+    REASONING = "reasoning"
+    REVIEW_INTAKE = "review-intake"
+
+
+def record_from_event(event: faust.EventT) -> Record:
+    message = event.message
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+    )
+
+
+def _die(role: Role, exc: BaseException) -> None:
+    """Exit without acknowledging: losing a message is worse than a restart."""
+    log.critical("%s worker: cannot publish even a dead letter (%s); exiting for redelivery", role.value, exc)
+    logging.shutdown()
+    os._exit(EXIT_UNRECOVERABLE)
+
+
+def create_app(settings: Settings, role: Role) -> faust.App:
+    """Build the Faust app for one role. Domain objects are created on worker start, not at import."""
+    kafka = settings.kafka
+    app = faust.App(
+        f"{kafka.topic_prefix}modpipe-{role.value}",
+        broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
+        broker_session_timeout=kafka.session_timeout_s,
+        broker_heartbeat_interval=kafka.heartbeat_interval_s,
+        broker_commit_interval=kafka.commit_interval_s,
+        broker_request_timeout=kafka.request_timeout_s,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        # Faust's exactly-once needs transactions; we rely on at-least-once plus the idempotent ledger instead.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        web_enabled=False,
+        autodiscover=False,
+        store="memory://",
+        datadir=str(settings.state_dir / "faust" / f"{role.value}-{os.getpid()}"),
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+    state: dict[str, object] = {}
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(kafka.topic(name), value_serializer="raw", key_serializer="raw", partitions=kafka.partitions)
+
+    async def open_common() -> tuple[Store, Publisher]:
+        await ensure_topics(kafka)
+        store = Store(settings.redis)
+        await store.ping()
+        publisher = Publisher(kafka)
+        await publisher.start()
+        state["store"], state["publisher"] = store, publisher
+        metrics.serve(settings.worker.metrics_port)
+        return store, publisher
+
+    from pipeline.handlers import Effects  # local import keeps `modpipe --help` fast
+
+    handler_ready = asyncio.Event()
+    ready_file = worker_ready_file(settings, role, os.getpid())
+
+    def mark_ready_if_assigned() -> None:
+        if handler_ready.is_set() and app.assignor.assigned_actives():
+            ready_file.parent.mkdir(parents=True, exist_ok=True)
+            ready_file.write_text(str(os.getpid()))
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: faust.App, assigned: set, **_: object) -> None:
+        mark_ready_if_assigned()
+
+    if role is Role.TRIAGE:
+
+        @app.agent(topic(kafka.incoming_topic))
+        async def triage_agent(stream: faust.StreamT) -> None:
+            handler = await _triage_handler()
+            handler_ready.set()
+            mark_ready_if_assigned()
+            async for events in stream.take_events(settings.triage.batch_size, within=settings.triage.batch_within_s):
+                try:
+                    await handler.handle_batch([record_from_event(e) for e in events])
+                except Exception as exc:  # noqa: BLE001 - see _die
+                    _die(role, exc)
+
+        async def _triage_handler():  # type: ignore[no-untyped-def]
+            if "triage" not in state:
+                from pipeline.handlers import TriageHandler
+                from pipeline.policies import PolicyLibrary
+                from pipeline.triage import TriageModel
+
+                store, publisher = await open_common()
+                loop = asyncio.get_running_loop()
+                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+                model = await loop.run_in_executor(executor, TriageModel.load, settings.triage.model_dir)
+                library = PolicyLibrary.load(settings.reasoner.policies_dir)
+                state["triage"] = TriageHandler(settings, model, library, Effects(settings, store, publisher), executor)
+                log.info("triage worker ready: model %s", model.version)
+            return state["triage"]
+
+    elif role is Role.REASONING:
+
+        @app.agent(topic(kafka.escalations_topic))
+        async def reasoning_agent(stream: faust.StreamT) -> None:
+            handler = await _reasoning_handler()
+            handler_ready.set()
+            mark_ready_if_assigned()
+            # Many generate calls in flight: a batch is judged concurrently, then acknowledged together.
+            async for events in stream.take_events(settings.triton.max_in_flight, within=0.05):
+                try:
+                    await asyncio.gather(*(handler.handle(record_from_event(e)) for e in events))
+                except Exception as exc:  # noqa: BLE001 - see _die
+                    _die(role, exc)
+
+        async def _reasoning_handler():  # type: ignore[no-untyped-def]
+            if "reasoning" not in state:
+                from pipeline.handlers import ReasoningHandler
+                from pipeline.policies import PolicyLibrary
+                from pipeline.reasoner import TritonReasoner
+
+                store, publisher = await open_common()
+                library = PolicyLibrary.load(settings.reasoner.policies_dir)
+                reasoner = TritonReasoner(settings.triton, settings.reasoner, library)
+                await reasoner.start()
+                state["reasoner"] = reasoner
+                state["reasoning"] = ReasoningHandler(settings, reasoner, library, Effects(settings, store, publisher))
+                log.info("reasoning worker ready: model %s", settings.triton.reasoner_model)
+            return state["reasoning"]
+
+    elif role is Role.REVIEW_INTAKE:
+
+        @app.agent(topic(kafka.review_topic))
+        async def review_intake_agent(stream: faust.StreamT) -> None:
+            handler = await _review_handler()
+            handler_ready.set()
+            mark_ready_if_assigned()
+            async for events in stream.take_events(64, within=0.05):
+                try:
+                    for event in events:
+                        await handler.handle(record_from_event(event))
+                except Exception as exc:  # noqa: BLE001 - see _die
+                    _die(role, exc)
+
+        async def _review_handler():  # type: ignore[no-untyped-def]
+            if "review" not in state:
+                from pipeline.handlers import ReviewIntakeHandler
+
+                store, publisher = await open_common()
+                state["review"] = ReviewIntakeHandler(store, Effects(settings, store, publisher))
+            return state["review"]
+
+    @app.on_before_shutdown.connect
+    async def _close(sender: faust.App, **_: object) -> None:
+        reasoner = state.get("reasoner")
+        if reasoner is not None:
+            await reasoner.close()  # type: ignore[attr-defined]
+        publisher = state.get("publisher")
+        if publisher is not None:
+            await publisher.stop()  # type: ignore[attr-defined]
+        store = state.get("store")
+        if store is not None:
+            await store.close()  # type: ignore[attr-defined]
+
+    return app
+
+
+def worker_ready_file(settings: Settings, role: Role, pid: int) -> Path:
+    """Written once a worker has built its handler and owns partitions: the demo waits for it."""
+    return settings.state_dir / "workers" / f"{role.value}-{pid}.ready"
+
+
+def run_worker(settings: Settings, role: Role) -> None:
+    """Run one role's worker in the foreground until SIGTERM/SIGINT."""
+    app = create_app(settings, role)
+    worker = faust.Worker(app, loglevel=settings.worker.log_level, override_logging=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,183 @@
+"""Redis state that must be correct: visibility, the effect ledger (idempotency) and the review queue.
+
+Why Redis and not Faust tables: Faust table recovery trusts the broker's high-watermark, which our local broker
+reports wrongly after batched writes, and tables cannot be shared by the several roles that touch one item.
+
+The ledger is an outbox keyed by ``(kind, content_id)``. A worker first *records* the effect it is about to
+publish (a final verdict, a provisional verdict, an escalation, a review task, a dead letter); the first record
+wins and later attempts get the stored one back. It then publishes the stored payload and marks it published.
+A redelivered message therefore republishes at most the identical payload (same ``verdict_id``) and never a
+second, different final verdict -- even if the model that produced it changed in between.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pipeline.config import RedisSettings
+from pipeline.errors import StoreUnavailable
+from pipeline.schemas import Decision, ReviewTask, Verdict, VerdictStatus
+
+log = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class Visibility(str, enum.Enum):
+    """Whether a platform may show an item."""
+
+    UNKNOWN = "unknown"  # never seen by the pipeline: the platform's own default applies
+    VISIBLE = "visible"
+    HIDDEN_PENDING = "hidden_pending"  # escalated: hidden until a final verdict
+    REMOVED = "removed"
+
+
+class EffectKind(str, enum.Enum):
+    FINAL = "final"
+    PROVISIONAL = "provisional"
+    ESCALATION = "escalation"
+    REVIEW = "review"
+    DEAD_LETTER = "deadletter"
+
+
+def visibility_for(verdict: Verdict) -> Visibility:
+    if verdict.status is VerdictStatus.PROVISIONAL:
+        return Visibility.HIDDEN_PENDING
+    return Visibility.VISIBLE if verdict.decision is Decision.ALLOW else Visibility.REMOVED
+
+
+# Record an effect once; for verdicts also move visibility, atomically, so the two never disagree.
+# A provisional verdict never overrides a final state (a late redelivery must not re-hide a decided item).
+_RECORD_SCRIPT = """
+local ledger, vis = KEYS[1], KEYS[2]
+local payload, ttl, state, verdict_id, is_final, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local existing = redis.call('HGET', ledger, 'payload')
+if existing then
+  return {0, existing, redis.call('HGET', ledger, 'published') or '0'}
+end
+redis.call('HSET', ledger, 'payload', payload, 'published', '0', 'recorded_at', now)
+redis.call('EXPIRE', ledger, ttl)
+if state ~= '' then
+  local current_final = redis.call('HGET', vis, 'final')
+  if is_final == '1' or current_final ~= '1' then
+    redis.call('HSET', vis, 'state', state, 'verdict', payload, 'verdict_id', verdict_id,
+               'final', is_final, 'updated_at', now)
+    redis.call('EXPIRE', vis, ttl)
+  end
+end
+return {1, payload, '0'}
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The outcome of recording an effect: the payload to publish and whether it still needs publishing."""
+
+    payload: bytes
+    created: bool
+    published: bool
+
+
+@dataclass(frozen=True)
+class VisibilityRecord:
+    state: Visibility
+    verdict: Verdict | None
+    final: bool
+
+
+class Store:
+    """Async access to the pipeline's Redis state, with every key under ``settings.key_prefix``."""
+
+    def __init__(self, settings: RedisSettings, client: aioredis.Redis | None = None) -> None:
+        self._settings = settings
+        self._prefix = settings.key_prefix
+        password = settings.password.get_secret_value() if settings.password else None
+        self._redis = client or aioredis.Redis.from_url(
+            settings.url, password=password, socket_timeout=5, socket_connect_timeout=5
+        )
+        self._record = self._redis.register_script(_RECORD_SCRIPT)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def _call(self, awaitable):  # type: ignore[no-untyped-def]
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+
+    # -- the effect ledger ------------------------------------------------------------------------------------
+
+    async def record(self, kind: EffectKind, effect_id: str, payload: bytes, verdict: Verdict | None = None) -> Recorded:
+        """Record ``payload`` as the one effect of ``kind`` for ``effect_id`` unless one exists already."""
+        state, verdict_id, is_final = "", "", "0"
+        if verdict is not None:
+            state = visibility_for(verdict).value
+            verdict_id = verdict.verdict_id
+            is_final = "1" if verdict.status is VerdictStatus.FINAL else "0"
+        created, stored, published = await self._call(
+            self._record(
+                keys=[self.key(kind.value, effect_id), self.key("vis", effect_id)],
+                args=[payload, self._settings.verdict_ttl_s, state, verdict_id, is_final, f"{time.time():.6f}"],
+            )
+        )
+        return Recorded(payload=bytes(stored), created=bool(int(created)), published=published in (b"1", "1"))
+
+    async def mark_published(self, kind: EffectKind, effect_id: str) -> None:
+        await self._call(self._redis.hset(self.key(kind.value, effect_id), "published", "1"))
+
+    async def recorded(self, kind: EffectKind, effect_id: str) -> Recorded | None:
+        """The stored effect, if any (used to finish a publish that a crash interrupted)."""
+        fields = await self._call(self._redis.hmget(self.key(kind.value, effect_id), "payload", "published"))
+        if fields[0] is None:
+            return None
+        return Recorded(payload=bytes(fields[0]), created=False, published=fields[1] in (b"1", "1"))
+
+    # -- visibility -------------------------------------------------------------------------------------------
+
+    async def visibility(self, content_id: str) -> VisibilityRecord:
+        fields = await self._call(self._redis.hmget(self.key("vis", content_id), "state", "verdict", "final"))
+        if fields[0] is None:
+            return VisibilityRecord(Visibility.UNKNOWN, None, False)
+        verdict = Verdict.model_validate_json(fields[1]) if fields[1] else None
+        return VisibilityRecord(Visibility(fields[0].decode()), verdict, fields[2] in (b"1", "1"))
+
+    # -- review queue (oldest first) ---------------------------------------------------------------------------
+
+    async def enqueue_review(self, task: ReviewTask) -> bool:
+        """Add a task to the pending queue unless the item already has one or is decided. True if added."""
+        if (await self.recorded(EffectKind.FINAL, task.item.content_id)) is not None:
+            return False
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hsetnx(self.key("review", "tasks"), task.item.content_id, task.to_bytes())
+        pipe.zadd(self.key("review", "pending"), {task.item.content_id: task.created_at.timestamp()}, nx=True)
+        added, _ = await self._call(pipe.execute())
+        return bool(added)
+
+    async def pending_reviews(self, limit: int = 100) -> list[ReviewTask]:
+        ids = await self._call(self._redis.zrange(self.key("review", "pending"), 0, limit - 1))
+        if not ids:
+            return []
+        raw = await self._call(self._redis.hmget(self.key("review", "tasks"), *ids))
+        return [ReviewTask.model_validate_json(r) for r in raw if r is not None]
+
+    async def pending_review_count(self) -> int:
+        return int(await self._call(self._redis.zcard(self.key("review", "pending"))))
+
+    async def remove_pending_review(self, content_id: str) -> None:
+        await self._call(self._redis.zrem(self.key("review", "pending"), content_id))

@@ -1,0 +1,113 @@
+import pytest
+
+from pipeline.router import (
+    ReasoningRoute,
+    TriageRoute,
+    TriageThresholds,
+    route_reasoning,
+    route_triage,
+)
+from pipeline.schemas import Effort, EscalationReason, PolicyRef, ReasonerCall, ReviewReason, TriageScores
+
+pytestmark = pytest.mark.unit
+
+THRESHOLDS = TriageThresholds(
+    allow_below=0.2,
+    block_above=0.9,
+    high_risk={"SH": 0.3},
+    category_policies={"H": "hate", "V": "violence", "SH": "self_harm"},
+    policy_floor=0.1,
+)
+ENFORCING = ["hate", "violence", "self_harm"]
+
+
+def scores(violation: float, **categories: float) -> TriageScores:
+    return TriageScores(model_version="t", violation=violation, categories=categories, latency_ms=1.0)
+
+
+def test_route_low_score_allows() -> None:
+    assert route_triage(scores(0.05, H=0.01), THRESHOLDS, ENFORCING).route is TriageRoute.ALLOW
+
+
+def test_route_high_score_blocks_with_policies() -> None:
+    decision = route_triage(scores(0.95, V=0.9, H=0.02), THRESHOLDS, ENFORCING)
+    assert decision.route is TriageRoute.BLOCK
+    assert decision.policy_ids == ("violence",)
+
+
+def test_route_middle_band_escalates_as_ambiguous() -> None:
+    decision = route_triage(scores(0.5, H=0.4, V=0.3), THRESHOLDS, ENFORCING)
+    assert decision.route is TriageRoute.ESCALATE
+    assert decision.reason is EscalationReason.AMBIGUOUS
+    assert decision.policy_ids == ("hate", "violence")
+
+
+def test_route_high_risk_category_escalates_even_when_confident() -> None:
+    decision = route_triage(scores(0.99, SH=0.8), THRESHOLDS, ENFORCING)
+    assert decision.route is TriageRoute.ESCALATE
+    assert decision.reason is EscalationReason.HIGH_RISK
+    assert "self_harm" in decision.policy_ids
+
+
+def test_route_picks_top_category_when_all_below_floor() -> None:
+    decision = route_triage(scores(0.5, H=0.05, V=0.08), THRESHOLDS, ENFORCING)
+    assert decision.policy_ids == ("violence",)
+
+
+def test_route_ignores_non_enforcing_policies() -> None:
+    decision = route_triage(scores(0.5, H=0.6, V=0.3), THRESHOLDS, ["violence"])
+    assert decision.policy_ids == ("violence",)
+
+
+def test_thresholds_reject_inverted_band() -> None:
+    with pytest.raises(ValueError, match="allow_below"):
+        TriageThresholds(allow_below=0.8, block_above=0.2)
+
+
+def call(violation: bool | None, confidence: float | None, error: str | None = None) -> ReasonerCall:
+    return ReasonerCall(
+        policy=PolicyRef(policy_id="hate", version="1", content_hash="x"),
+        model="m",
+        effort=Effort.LOW,
+        violation=violation,
+        confidence=confidence,
+        error=error,
+        latency_ms=1.0,
+    )
+
+
+def test_reasoning_confident_violation_blocks() -> None:
+    result = route_reasoning([call(True, 0.9), call(False, 0.2)], min_confidence=0.6, can_raise_effort=True)
+    assert result.route is ReasoningRoute.BLOCK
+
+
+def test_reasoning_all_confident_safe_allows() -> None:
+    result = route_reasoning([call(False, 0.9), call(False, 0.7)], min_confidence=0.6, can_raise_effort=True)
+    assert result.route is ReasoningRoute.ALLOW
+
+
+def test_reasoning_unsure_raises_effort_first() -> None:
+    result = route_reasoning([call(True, 0.4)], min_confidence=0.6, can_raise_effort=True)
+    assert result.route is ReasoningRoute.RETRY_HIGHER_EFFORT
+
+
+def test_reasoning_unsure_at_high_effort_goes_to_review() -> None:
+    result = route_reasoning([call(True, 0.4)], min_confidence=0.6, can_raise_effort=False)
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.EDGE_CASE)
+
+
+def test_reasoner_failure_fails_closed_to_review() -> None:
+    result = route_reasoning([call(None, None, error="unavailable")], min_confidence=0.6, can_raise_effort=False)
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.REASONER_FAILED)
+
+
+def test_escalate_to_humans_policy_sends_violation_to_review() -> None:
+    result = route_reasoning(
+        [call(True, 0.95)], min_confidence=0.6, can_raise_effort=True, escalate_to_humans=True
+    )
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.POLICY_ESCALATE)
+
+
+def test_reasoning_needs_calls() -> None:
+    with pytest.raises(ValueError):
+        route_reasoning([], min_confidence=0.6, can_raise_effort=True)
