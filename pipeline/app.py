@@ -57,6 +57,9 @@ def _die(role: Role, exc: BaseException) -> None:
 def create_app(settings: Settings, role: Role) -> faust.App:
     """Build the Faust app for one role. Domain objects are created on worker start, not at import."""
     kafka = settings.kafka
+    # Faust wants a data directory even with in-memory tables (we keep no state in Faust: Redis holds it).
+    datadir = settings.state_dir / "faust" / role.value
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{kafka.topic_prefix}modpipe-{role.value}",
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
@@ -73,7 +76,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         web_enabled=False,
         autodiscover=False,
         store="memory://",
-        datadir=str(settings.state_dir / "faust" / f"{role.value}-{os.getpid()}"),
+        datadir=str(datadir),
         value_serializer="raw",
         key_serializer="raw",
     )

@@ -22,6 +22,7 @@ topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 triage_app = typer.Typer(help="The triage classifier.", no_args_is_help=True)
 policy_app = typer.Typer(help="Policies.", no_args_is_help=True)
 review_app = typer.Typer(help="Human review.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that write docs/BENCHMARKS.md.", no_args_is_help=True)
 for sub, name in (
     (stack_app, "stack"),
     (config_app, "config"),
@@ -30,6 +31,7 @@ for sub, name in (
     (triage_app, "triage"),
     (policy_app, "policy"),
     (review_app, "review"),
+    (bench_app, "bench"),
 ):
     app.add_typer(sub, name=name)
 
@@ -181,6 +183,21 @@ def chaos(
         return
     if report["lost"] or report["duplicate_final_verdicts"] or report["dead_letters"] != malformed:
         raise typer.Exit(2)
+
+
+@bench_app.command("spine")
+def bench_spine(
+    items: int = typer.Option(1000, help="Items for the throughput burst (and texts for the embedder alone)."),
+    rate: float = typer.Option(20.0, help="Steady-load rate, items per second."),
+    seconds: float = typer.Option(30.0, help="Steady-load duration."),
+    json_out: Optional[Path] = typer.Option(Path("out/bench-spine.json"), "--json-out"),
+) -> None:
+    """Triage items/s end to end vs the embedder alone, and verdict latency at a steady rate."""
+    from pipeline.bench import run_spine_bench
+
+    settings = _settings()
+    _setup_logging("WARNING")
+    asyncio.run(run_spine_bench(items, rate, seconds, json_out, settings.state_dir, console))
 
 
 # -- inspection -------------------------------------------------------------------------------------------------

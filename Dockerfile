@@ -1,0 +1,83 @@
+# syntax=docker/dockerfile:1
+#
+# One image, several roles. The role is picked by the command:
+#   modpipe worker --role triage | reasoning | review-intake   (Faust workers, metrics on :9100)
+#   modpipe review serve --host 0.0.0.0 --port 8080            (review API + web page)
+#
+# Build:  docker build -t modpipe:0.1.0 .
+# The workers run the triage embedder on CPU, so torch is the CPU build (an unpinned torch from PyPI would
+# pull a multi-GB CUDA build). The GPU work happens in Triton, which is a separate image.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# CPU torch first, in its own layer: it is the largest dependency and changes least often. `pip install .`
+# below then finds torch==2.13.0 (as 2.13.0+cpu) already satisfied and does not replace it.
+RUN pip install --upgrade pip setuptools wheel \
+ && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pipeline/ pipeline/
+COPY triage_models/ triage_models/
+RUN pip install . \
+ && python -c "import torch, pipeline; assert torch.version.cuda is None, 'expected the CPU build of torch'" \
+ && modpipe --help > /dev/null
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+
+ARG MODPIPE_UID=10001
+
+LABEL org.opencontainers.image.title="modpipe" \
+      org.opencontainers.image.description="Content moderation pipeline: triage, gpt-oss-safeguard reasoning on Triton, human review" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN groupadd --system --gid ${MODPIPE_UID} modpipe \
+ && useradd --system --uid ${MODPIPE_UID} --gid modpipe --home-dir /home/modpipe --create-home modpipe \
+ && mkdir -p /var/lib/modpipe \
+ && chown modpipe:modpipe /var/lib/modpipe
+
+COPY --from=build /opt/venv /opt/venv
+
+WORKDIR /app
+# Data the package reads at run time. The settings default to paths next to the source tree, which a
+# non-editable install does not have, so the ENV below points them here.
+COPY --chown=root:root policies/ /app/policies/
+COPY --chown=root:root triage_models/ /app/triage_models/
+# The production Triton model repository (vLLM configs, no weights), so a cluster can seed Triton's
+# /models from this image (the helm chart's default) and the model config is versioned with the code.
+COPY --chown=root:root triton_repo/gpu/ /app/triton_repo/gpu/
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/modpipe \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    MODPIPE_STATE_DIR=/var/lib/modpipe \
+    MODPIPE_TRIAGE__MODEL_DIR=/app/triage_models/artifacts/current \
+    MODPIPE_REASONER__POLICIES_DIR=/app/policies \
+    MODPIPE_WORKER__METRICS_PORT=9100 \
+    MODPIPE_WORKER__LOG_LEVEL=INFO
+
+USER modpipe:modpipe
+WORKDIR /var/lib/modpipe
+
+# 9100: Prometheus metrics of a worker; 8080: review service.
+EXPOSE 9100 8080
+
+ENTRYPOINT ["modpipe"]
+CMD ["--help"]

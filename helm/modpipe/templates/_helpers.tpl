@@ -1,0 +1,135 @@
+{{/* Chart name. */}}
+{{- define "modpipe.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name, at most 63 characters. */}}
+{{- define "modpipe.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "modpipe.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "modpipe.labels" -}}
+helm.sh/chart: {{ include "modpipe.chart" . }}
+{{ include "modpipe.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: modpipe
+{{- end }}
+
+{{- define "modpipe.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "modpipe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Name of one component's objects: <fullname>-<component>. */}}
+{{- define "modpipe.componentName" -}}
+{{- printf "%s-%s" (include "modpipe.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modpipe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "modpipe.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "modpipe.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The Secret with the Redis password: an existing one, never created by the chart. */}}
+{{- define "modpipe.redisSecretName" -}}
+{{- required "redis.auth.existingSecret is required: the name of an existing Secret holding the Redis password (key redis.auth.passwordKey)" .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "modpipe.kafkaBootstrapServers" -}}
+{{- if .Values.kafka.bundled.enabled }}
+{{- printf "%s:9092" (include "modpipe.componentName" (dict "root" . "component" "kafka")) }}
+{{- else }}
+{{- required "kafka.bootstrapServers is required (or set kafka.bundled.enabled)" .Values.kafka.bootstrapServers }}
+{{- end }}
+{{- end }}
+
+{{- define "modpipe.redisUrl" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- printf "redis://%s:6379/0" (include "modpipe.componentName" (dict "root" . "component" "redis")) }}
+{{- else }}
+{{- required "redis.url is required (or set redis.bundled.enabled)" .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{- define "modpipe.tritonHost" -}}
+{{- include "modpipe.componentName" (dict "root" . "component" "triton") }}
+{{- end }}
+
+{{- define "modpipe.tritonGrpcUrl" -}}
+{{- if .Values.config.triton.grpcUrl }}
+{{- .Values.config.triton.grpcUrl }}
+{{- else if .Values.triton.enabled }}
+{{- printf "%s:8001" (include "modpipe.tritonHost" .) }}
+{{- else }}
+{{- fail "config.triton.grpcUrl is required when triton.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{- define "modpipe.tritonHttpUrl" -}}
+{{- if .Values.config.triton.httpUrl }}
+{{- .Values.config.triton.httpUrl }}
+{{- else if .Values.triton.enabled }}
+{{- printf "%s:8000" (include "modpipe.tritonHost" .) }}
+{{- else }}
+{{- fail "config.triton.httpUrl is required when triton.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by every modpipe container: the ConfigMap plus the Redis password from its Secret. */}}
+{{- define "modpipe.env" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "modpipe.componentName" (dict "root" . "component" "config") }}
+env:
+  - name: MODPIPE_REDIS__PASSWORD
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "modpipe.redisSecretName" . }}
+        key: {{ .Values.redis.auth.passwordKey }}
+{{- end }}
+
+{{/* Writable folders for a read-only root filesystem: state/Faust data, /tmp and $HOME caches. */}}
+{{- define "modpipe.writableVolumes" -}}
+- name: state
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
+{{- end }}
+
+{{- define "modpipe.writableMounts" -}}
+- name: state
+  mountPath: /var/lib/modpipe
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/modpipe
+{{- end }}
+
+{{/* Pod annotations that restart pods when the settings change. */}}
+{{- define "modpipe.configChecksum" -}}
+checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- end }}

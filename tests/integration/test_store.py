@@ -1,0 +1,109 @@
+"""The Redis ledger and visibility store against a real (private) Redis."""
+
+import asyncio
+
+import pytest
+
+from pipeline.config import RedisSettings
+from pipeline.schemas import Decision, ReviewReason, ReviewTask, ContentItem, Stage, TriageScores, Verdict, VerdictStatus
+from pipeline.store import EffectKind, Store, Visibility
+
+pytestmark = pytest.mark.integration
+
+
+def verdict(cid: str, status: VerdictStatus, decision: Decision, verdict_id: str) -> Verdict:
+    return Verdict(verdict_id=verdict_id, content_id=cid, status=status, decision=decision, stage=Stage.TRIAGE)
+
+
+def test_first_final_verdict_wins_and_redelivery_gets_it_back(kafka_stack, unique_prefix) -> None:
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        first = verdict("c1", VerdictStatus.FINAL, Decision.ALLOW, "v-first")
+        second = verdict("c1", VerdictStatus.FINAL, Decision.BLOCK, "v-second")
+        recorded = await store.record(EffectKind.FINAL, "c1", first.to_bytes(), first)
+        assert recorded.created and not recorded.published
+        again = await store.record(EffectKind.FINAL, "c1", second.to_bytes(), second)
+        assert not again.created
+        assert Verdict.model_validate_json(again.payload).verdict_id == "v-first"
+        await store.mark_published(EffectKind.FINAL, "c1")
+        assert (await store.recorded(EffectKind.FINAL, "c1")).published  # type: ignore[union-attr]
+        vis = await store.visibility("c1")
+        assert vis.state is Visibility.VISIBLE and vis.final and vis.verdict.verdict_id == "v-first"  # type: ignore[union-attr]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_records_create_exactly_one(kafka_stack, unique_prefix) -> None:
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        results = await asyncio.gather(
+            *(store.record(EffectKind.FINAL, "c2", f"payload-{i}".encode()) for i in range(20))
+        )
+        assert sum(r.created for r in results) == 1
+        assert len({r.payload for r in results}) == 1
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_provisional_never_rehides_a_decided_item(kafka_stack, unique_prefix) -> None:
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        final = verdict("c3", VerdictStatus.FINAL, Decision.BLOCK, "v-final")
+        await store.record(EffectKind.FINAL, "c3", final.to_bytes(), final)
+        late = verdict("c3", VerdictStatus.PROVISIONAL, Decision.HIDE_PENDING, "v-prov")
+        await store.record(EffectKind.PROVISIONAL, "c3", late.to_bytes(), late)
+        vis = await store.visibility("c3")
+        assert vis.state is Visibility.REMOVED and vis.final
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_provisional_hides_until_final(kafka_stack, unique_prefix) -> None:
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        assert (await store.visibility("c4")).state is Visibility.UNKNOWN
+        prov = verdict("c4", VerdictStatus.PROVISIONAL, Decision.HIDE_PENDING, "v-prov")
+        await store.record(EffectKind.PROVISIONAL, "c4", prov.to_bytes(), prov)
+        assert (await store.visibility("c4")).state is Visibility.HIDDEN_PENDING
+        final = verdict("c4", VerdictStatus.FINAL, Decision.ALLOW, "v-final")
+        await store.record(EffectKind.FINAL, "c4", final.to_bytes(), final)
+        assert (await store.visibility("c4")).state is Visibility.VISIBLE
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_review_queue_is_oldest_first_and_deduplicated(kafka_stack, unique_prefix) -> None:
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        triage = TriageScores(model_version="m", violation=0.5, latency_ms=1)
+        tasks = []
+        for i in range(3):
+            item = ContentItem(content_id=f"r{i}", text="t")
+            tasks.append(ReviewTask(task_id=f"t{i}", item=item, triage=triage, reason=ReviewReason.EDGE_CASE,
+                                    policy_ids=["hate"], ingested_at=item.created_at))
+        for task in reversed(tasks):
+            assert await store.enqueue_review(task)
+        assert not await store.enqueue_review(tasks[0])
+        pending = await store.pending_reviews()
+        assert [t.item.content_id for t in pending] == ["r0", "r1", "r2"]
+        assert await store.pending_review_count() == 3
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_down_raises_store_unavailable() -> None:
+    from pipeline.errors import StoreUnavailable
+    from pipeline.stack import free_port
+
+    async def scenario() -> None:
+        store = Store(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        await store.close()
+
+    asyncio.run(scenario())
