@@ -275,12 +275,12 @@ def policy_lint() -> None:
     from pipeline.policies import PolicyLibrary, lint_policy
 
     try:
-        library = PolicyLibrary.load(_settings().reasoner.policies_dir)
+        library = PolicyLibrary.load(_settings().reasoner.policies_dir, strict=False)
     except PolicyError as exc:
         _fail(str(exc))
         return
     problems = 0
-    for policy_id in sorted(library.policies):
+    for policy_id in library.ids():
         found = lint_policy(library.get(policy_id))
         problems += len(found)
         console.print(f"{policy_id} v{library.get(policy_id).version}: " + ("ok" if not found else "; ".join(found)))
