@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 KAFKA, REDIS, TRITON = "kafka", "redis", "triton"
 STACK_JSON, STACK_ENV = "stack.json", "stack.env"
-DEFAULT_TRITON_REPO = PROJECT_ROOT / "triton_repo"
+DEFAULT_TRITON_REPO = PROJECT_ROOT / "triton_repo" / "cpu"  # gpu/ holds the vLLM models: never loaded locally
 PORT_NAMES = ("kafka", "redis", "triton_http", "triton_grpc", "triton_metrics")
 # The executable name each service must show in /proc/PID/cmdline before we signal a recorded PID (PID reuse).
 _EXE_MARKER = {KAFKA: "tansu", REDIS: "redis-server", TRITON: "tritonserver"}

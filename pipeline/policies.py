@@ -1,0 +1,331 @@
+"""Policies as data: load each ``policies/<id>/`` folder, parse its rules and examples, and lint it.
+
+A policy is what gpt-oss-safeguard reads at inference time, so the text itself is the contract. Verdicts record
+the policy's version *and* a hash of the exact text the model read, so an audit can tell which words decided.
+Loading is strict by default: a policy that does not lint never reaches the model (a typo in a rule id would
+otherwise surface as "invalid rule id" answers in production). Authors use ``strict=False`` plus
+:func:`lint_policy` to see every problem at once.
+
+Folder layout: ``policy.md`` (cookbook structure, rule ids such as ``VI1.a`` / ``VI0.a``), ``metadata.toml``
+(id, name, version, severity, flags, ``[effort]``) and ``golden.jsonl`` (labelled examples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PolicyError
+from pipeline.schemas import Effort, PolicyRef
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_SECTIONS = ("INSTRUCTIONS", "DEFINITIONS", "VIOLATES (1)", "SAFE (0)", "EXAMPLES")
+MIN_TOKENS, MAX_TOKENS = 400, 600  # the cookbook guide: 400-600 tokens reads best
+MIN_EXAMPLES, MAX_EXAMPLES = 4, 6
+MIN_GOLDEN = 20
+SEVERITIES = ("low", "medium", "high", "critical")
+HEDGE_WORDS = ("generally", "usually")  # vague words the guide says make the model vague too
+
+RULE_ID = r"[A-Z]{2,4}\d+\.[a-z]+"
+_RULE_LINE = re.compile(rf"^\s*[-*]\s*\*\*(?P<id>{RULE_ID})\*\*\s*(?P<text>.+?)\s*$", re.MULTILINE)
+_EXAMPLE = re.compile(r'^Content:\s*"(?P<text>.*)"\s*\nAnswer:\s*(?P<answer>\{.*\})\s*$', re.MULTILINE)
+_SECTION = re.compile(r"^##\s+(?P<name>.+?)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule_id: str
+    label: int  # 1: violates, 0: safe
+    text: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """A boundary example from the policy's EXAMPLES section (what the model sees)."""
+
+    text: str
+    label: int
+    rule_ids: tuple[str, ...]
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class GoldenExample:
+    """A labelled row of ``golden.jsonl`` (never shown to the model; used to test the policy)."""
+
+    text: str
+    label: int
+    rule_id: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    policy_id: str
+    name: str
+    version: str
+    severity: str
+    high_risk: bool
+    escalate_to_humans: bool
+    enforcing: bool  # False: shadow mode (judged and recorded, never enforced)
+    first_effort: Effort
+    escalated_effort: Effort
+    text: str
+    content_hash: str
+    rules: tuple[Rule, ...]
+    examples: tuple[Example, ...]
+    golden: tuple[GoldenExample, ...] = ()
+    folder: Path | None = None
+
+    def ref(self) -> PolicyRef:
+        return PolicyRef(policy_id=self.policy_id, version=self.version, content_hash=self.content_hash)
+
+    @property
+    def rule_ids(self) -> frozenset[str]:
+        return frozenset(r.rule_id for r in self.rules)
+
+    def rule(self, rule_id: str) -> Rule | None:
+        return next((r for r in self.rules if r.rule_id == rule_id), None)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough o200k token count (~4 characters per token for English); no tokenizer needed offline."""
+    return round(len(text) / 4)
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """``## NAME`` headings -> section bodies (text up to the next ``##``)."""
+    matches = list(_SECTION.finditer(text))
+    sections: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        sections[m.group("name").upper()] = text[m.end() : end].strip()
+    return sections
+
+
+def parse_rules(text: str) -> tuple[Rule, ...]:
+    sections = split_sections(text)
+    rules: list[Rule] = []
+    for section, label in (("VIOLATES (1)", 1), ("SAFE (0)", 0)):
+        for m in _RULE_LINE.finditer(sections.get(section, "")):
+            rules.append(Rule(m.group("id"), label, m.group("text")))
+    return tuple(rules)
+
+
+def parse_examples(text: str) -> tuple[Example, ...]:
+    """``Content: "..."`` / ``Answer: {json}`` pairs from the EXAMPLES section; unparseable answers raise."""
+    examples: list[Example] = []
+    for m in _EXAMPLE.finditer(split_sections(text).get("EXAMPLES", "")):
+        try:
+            answer = json.loads(m.group("answer"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"example answer is not JSON: {m.group('answer')[:60]!r} ({exc})") from exc
+        examples.append(
+            Example(
+                text=m.group("text"),
+                label=int(answer.get("violation", -1)),
+                rule_ids=tuple(answer.get("rule_ids", ())),
+                rationale=str(answer.get("rationale", "")),
+            )
+        )
+    return tuple(examples)
+
+
+def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
+    if not path.exists():
+        return ()
+    rows: list[GoldenExample] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append(GoldenExample(str(row["text"]), int(row["label"]), str(row["rule_id"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise PolicyError(f"{path}: line {n} is not a golden row ({exc})") from exc
+    return tuple(rows)
+
+
+def _effort(value: Any, where: str) -> Effort:
+    try:
+        return Effort(value)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: effort {value!r} is not one of low/medium/high") from exc
+
+
+def load_policy(folder: Path, *, default_first: str = "low", default_escalated: str = "high") -> Policy:
+    """Load one policy folder. Raises :class:`PolicyError` naming the folder and the problem."""
+    policy_md, meta_path = folder / "policy.md", folder / "metadata.toml"
+    for required in (policy_md, meta_path):
+        if not required.is_file():
+            raise PolicyError(f"policy folder {folder}: missing {required.name}")
+    text = policy_md.read_text(encoding="utf-8")
+    try:
+        meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy folder {folder}: metadata.toml is not valid TOML ({exc})") from exc
+    for key in ("id", "name", "version", "severity"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise PolicyError(f"policy folder {folder}: metadata.toml needs a string {key!r}")
+    if meta["id"] != folder.name:
+        raise PolicyError(f"policy folder {folder}: metadata id {meta['id']!r} differs from the folder name")
+    if meta["severity"] not in SEVERITIES:
+        raise PolicyError(f"policy folder {folder}: severity {meta['severity']!r} not in {SEVERITIES}")
+    flags = {}
+    for key, default in (("high_risk", False), ("escalate_to_humans", False), ("enforcing", True)):
+        value = meta.get(key, default)
+        if not isinstance(value, bool):
+            raise PolicyError(f"policy folder {folder}: {key} must be true or false")
+        flags[key] = value
+    effort = meta.get("effort", {})
+    try:
+        examples = parse_examples(text)
+    except ValueError as exc:
+        raise PolicyError(f"policy folder {folder}: {exc}") from exc
+    rules = parse_rules(text)
+    if not rules:
+        raise PolicyError(f"policy folder {folder}: policy.md defines no rules (- **XX1.a** text)")
+    return Policy(
+        policy_id=meta["id"],
+        name=meta["name"],
+        version=meta["version"],
+        severity=meta["severity"],
+        high_risk=flags["high_risk"],
+        escalate_to_humans=flags["escalate_to_humans"],
+        enforcing=flags["enforcing"],
+        first_effort=_effort(effort.get("first", default_first), f"policy folder {folder}"),
+        escalated_effort=_effort(effort.get("escalated", default_escalated), f"policy folder {folder}"),
+        text=text,
+        content_hash=content_hash(text),
+        rules=rules,
+        examples=examples,
+        golden=_load_golden(folder / "golden.jsonl"),
+        folder=folder,
+    )
+
+
+def lint_policy(policy: Policy) -> list[str]:
+    """Every problem with a policy, as sentences (empty list: clean)."""
+    problems: list[str] = []
+    text = policy.text
+    if not re.match(r"^# \S", text):
+        problems.append("policy.md must start with '# Policy Name'")
+    sections = split_sections(text)
+    for name in REQUIRED_SECTIONS:
+        if name not in sections:
+            problems.append(f"missing section '## {name}'")
+    if '"violation"' not in sections.get("INSTRUCTIONS", ""):
+        problems.append("INSTRUCTIONS must state the output format ({\"violation\": ...})")
+    examples_body = sections.get("EXAMPLES", "")
+    if '"violation"' not in examples_body.split("Content:", 1)[0]:
+        problems.append("EXAMPLES must restate the output format before the first example")
+    if "wins" not in sections.get("INSTRUCTIONS", ""):
+        problems.append("INSTRUCTIONS must say which rule wins when two apply")
+    ids = [r.rule_id for r in policy.rules]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        problems.append(f"rule ids not unique: {', '.join(duplicates)}")
+    for rule in policy.rules:
+        tier = re.match(r"[A-Z]+(\d+)\.", rule.rule_id)
+        if tier and (int(tier.group(1)) == 0) != (rule.label == 0):
+            problems.append(f"rule {rule.rule_id}: tier 0 ids belong in SAFE (0), others in VIOLATES (1)")
+    if not any(r.label == 1 for r in policy.rules) or not any(r.label == 0 for r in policy.rules):
+        problems.append("policy needs both VIOLATES and SAFE rules")
+    known = policy.rule_ids
+    if not MIN_EXAMPLES <= len(policy.examples) <= MAX_EXAMPLES:
+        problems.append(f"{len(policy.examples)} examples; the guide asks for {MIN_EXAMPLES}-{MAX_EXAMPLES}")
+    if {e.label for e in policy.examples} != {0, 1}:
+        problems.append("examples must show both labels")
+    for ex in policy.examples:
+        unknown = [r for r in ex.rule_ids if r not in known]
+        if unknown or not ex.rule_ids:
+            problems.append(f"example {ex.text[:40]!r} cites unknown or no rule ids: {unknown}")
+        elif any(policy.rule(r).label != ex.label for r in ex.rule_ids):  # type: ignore[union-attr]
+            problems.append(f"example {ex.text[:40]!r}: label {ex.label} disagrees with its rules")
+    for word in HEDGE_WORDS:
+        if re.search(rf"\b{word}\b", text, re.IGNORECASE):
+            problems.append(f"uses the vague word {word!r}")
+    tokens = estimate_tokens(text)
+    if not MIN_TOKENS <= tokens <= MAX_TOKENS:
+        problems.append(f"about {tokens} tokens; keep it within {MIN_TOKENS}-{MAX_TOKENS}")
+    if "<|" in text:
+        problems.append("policy text contains '<|' (harmony control tokens)")
+    if len(policy.golden) < MIN_GOLDEN:
+        problems.append(f"golden set has {len(policy.golden)} rows; needs at least {MIN_GOLDEN}")
+    elif {g.label for g in policy.golden} != {0, 1}:
+        problems.append("golden set must contain both labels")
+    for g in policy.golden:
+        rule = policy.rule(g.rule_id)
+        if rule is None:
+            problems.append(f"golden row {g.text[:40]!r} cites unknown rule {g.rule_id}")
+        elif rule.label != g.label:
+            problems.append(f"golden row {g.text[:40]!r}: label {g.label} disagrees with rule {g.rule_id}")
+    return problems
+
+
+class PolicyLibrary:
+    """Every policy under one folder, by id."""
+
+    def __init__(self, policies: dict[str, Policy]):
+        self._policies = dict(policies)
+
+    @classmethod
+    def load(
+        cls,
+        policies_dir: Path,
+        *,
+        strict: bool = True,
+        default_first: str = "low",
+        default_escalated: str = "high",
+    ) -> PolicyLibrary:
+        """Load every sub-folder that has a ``policy.md``; with ``strict``, a lint problem is a PolicyError.
+
+        ``default_first`` / ``default_escalated`` (from ReasonerSettings) apply to policies whose metadata has
+        no ``[effort]`` table; a policy's own metadata wins, because its author tuned it.
+        """
+        policies_dir = Path(policies_dir)
+        if not policies_dir.is_dir():
+            raise PolicyError(f"policies folder {policies_dir} does not exist")
+        policies: dict[str, Policy] = {}
+        for folder in sorted(p for p in policies_dir.iterdir() if p.is_dir() and (p / "policy.md").exists()):
+            policy = load_policy(folder, default_first=default_first, default_escalated=default_escalated)
+            if strict:
+                problems = lint_policy(policy)
+                if problems:
+                    raise PolicyError(f"policy folder {folder}: " + "; ".join(problems))
+            policies[policy.policy_id] = policy
+        if not policies:
+            raise PolicyError(f"policies folder {policies_dir} holds no policy (no */policy.md)")
+        logger.info("loaded %d policies: %s", len(policies), ", ".join(sorted(policies)))
+        return cls(policies)
+
+    def get(self, policy_id: str) -> Policy:
+        try:
+            return self._policies[policy_id]
+        except KeyError:
+            raise PolicyError(f"unknown policy {policy_id!r}; known: {', '.join(sorted(self._policies))}") from None
+
+    def ids(self) -> list[str]:
+        return sorted(self._policies)
+
+    def enforcing_ids(self) -> list[str]:
+        return sorted(pid for pid, p in self._policies.items() if p.enforcing)
+
+    def shadow_ids(self) -> list[str]:
+        return sorted(pid for pid, p in self._policies.items() if not p.enforcing)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._policies[pid] for pid in sorted(self._policies))
+
+    def __len__(self) -> int:
+        return len(self._policies)

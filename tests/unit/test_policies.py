@@ -1,0 +1,117 @@
+"""The shipped policies load, lint clean and keep their golden sets; lint catches what it promises to."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.errors import PolicyError
+from pipeline.policies import PolicyLibrary, content_hash, lint_policy, load_policy
+from pipeline.schemas import Effort
+
+pytestmark = pytest.mark.unit
+POLICIES = PROJECT_ROOT / "policies"
+EXPECTED = {"hate", "harassment", "violence", "sexual", "sexual_minors", "self_harm"}
+
+
+@pytest.fixture(scope="module")
+def library() -> PolicyLibrary:
+    return PolicyLibrary.load(POLICIES)
+
+
+def test_all_six_policies_load_strictly(library: PolicyLibrary) -> None:
+    assert set(library.ids()) == EXPECTED
+    assert library.enforcing_ids() == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("policy_id", sorted(EXPECTED))
+def test_policy_lints_clean_and_is_complete(library: PolicyLibrary, policy_id: str) -> None:
+    policy = library.get(policy_id)
+    assert lint_policy(policy) == []
+    assert policy.content_hash == content_hash(policy.text) and len(policy.content_hash) == 16
+    assert {r.label for r in policy.rules} == {0, 1}
+    assert len(policy.golden) >= 20
+    assert {g.label for g in policy.golden} == {0, 1}
+    assert all(g.rule_id in policy.rule_ids for g in policy.golden)
+    ref = policy.ref()
+    assert (ref.policy_id, ref.version, ref.content_hash) == (policy_id, policy.version, policy.content_hash)
+    assert (policy.first_effort, policy.escalated_effort) == (Effort.LOW, Effort.HIGH)
+
+
+def test_high_risk_flags(library: PolicyLibrary) -> None:
+    assert {p.policy_id for p in library if p.high_risk} == {"self_harm", "sexual_minors"}
+    assert {p.policy_id for p in library if p.escalate_to_humans} == {"sexual_minors"}
+
+
+def test_unknown_policy_is_a_policy_error(library: PolicyLibrary) -> None:
+    with pytest.raises(PolicyError, match="unknown policy 'spam'"):
+        library.get("spam")
+
+
+def test_lint_finds_problems(library: PolicyLibrary) -> None:
+    policy = library.get("violence")
+    broken_text = (
+        policy.text.replace("## DEFINITIONS", "## TERMS").replace("Threat:", "Threat: usually")
+        + '\nContent: "x"\nAnswer: {"violation": 1, "rule_ids": ["VI9.z"]}\n'
+    )
+    duplicated = policy.rules + (policy.rules[0],)
+    from pipeline.policies import parse_examples
+
+    broken = dataclasses.replace(
+        policy, text=broken_text, rules=duplicated, examples=parse_examples(broken_text), golden=policy.golden[:3]
+    )
+    problems = " | ".join(lint_policy(broken))
+    assert "missing section '## DEFINITIONS'" in problems
+    assert "'usually'" in problems
+    assert "not unique: VI1.a" in problems
+    assert "VI9.z" in problems
+    assert "golden set has 3 rows" in problems
+
+
+def test_lint_flags_length(library: PolicyLibrary) -> None:
+    policy = library.get("hate")
+    long = dataclasses.replace(policy, text=policy.text + "\n" + "padding words here. " * 200)
+    assert any("tokens" in p for p in lint_policy(long))
+
+
+def _copy_policy(tmp_path: Path, policy_id: str = "violence") -> Path:
+    dest = tmp_path / "policies" / policy_id
+    shutil.copytree(POLICIES / policy_id, dest)
+    return dest
+
+
+def test_load_names_folder_and_problem(tmp_path: Path) -> None:
+    folder = _copy_policy(tmp_path)
+    (folder / "metadata.toml").write_text((folder / "metadata.toml").read_text().replace('id = "violence"', 'id = "x"'))
+    with pytest.raises(PolicyError, match=r"violence.*differs from the folder name"):
+        PolicyLibrary.load(tmp_path / "policies")
+
+
+def test_strict_load_refuses_a_policy_that_does_not_lint(tmp_path: Path) -> None:
+    folder = _copy_policy(tmp_path)
+    (folder / "golden.jsonl").write_text('{"text": "a", "label": 0, "rule_id": "VI0.a"}\n')
+    with pytest.raises(PolicyError, match="golden set has 1 rows"):
+        PolicyLibrary.load(tmp_path / "policies")
+    assert PolicyLibrary.load(tmp_path / "policies", strict=False).get("violence").golden[0].text == "a"
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    folder = _copy_policy(tmp_path)
+    (folder / "metadata.toml").write_text("id = [")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(folder)
+    (folder / "metadata.toml").unlink()
+    with pytest.raises(PolicyError, match="missing metadata.toml"):
+        load_policy(folder)
+
+
+def test_shadow_policy_is_not_enforcing(tmp_path: Path) -> None:
+    folder = _copy_policy(tmp_path)
+    meta = folder / "metadata.toml"
+    meta.write_text(meta.read_text().replace("enforcing = true", "enforcing = false"))
+    library = PolicyLibrary.load(tmp_path / "policies")
+    assert library.enforcing_ids() == [] and library.shadow_ids() == ["violence"]
