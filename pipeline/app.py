@@ -132,6 +132,8 @@ def create_app(settings: Settings, role: Role) -> faust.App:
                 loop = asyncio.get_running_loop()
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
                 model = await loop.run_in_executor(executor, TriageModel.load, settings.triage.model_dir)
+                # Load the embedder now, not on the first message: readiness must mean "can score at full speed".
+                await loop.run_in_executor(executor, model.warm_up)
                 library = PolicyLibrary.load(settings.reasoner.policies_dir)
                 state["triage"] = TriageHandler(settings, model, library, Effects(settings, store, publisher), executor)
                 log.info("triage worker ready: model %s", model.version)

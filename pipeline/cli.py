@@ -288,6 +288,11 @@ def policy_lint() -> None:
         raise typer.Exit(1)
 
 
+# -- sub-command modules by area ------------------------------------------------------------------------------
+# Each area keeps its commands in its own module and registers them here, one line each.
+# (mount area modules below this line)
+
+
 def main() -> None:
     app()
 

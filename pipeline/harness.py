@@ -139,9 +139,13 @@ class JourneyObserver:
             bootstrap_servers=self.settings.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
         )
         await consumer.start()
+        await consumer.topics()  # refreshes the metadata that partitions_for_topic reads
         partitions = []
         for topic in (self.verdicts_topic, self.review_topic, self.deadletter_topic):
-            for p in sorted(await consumer.partitions_for_topic(topic) or ()):
+            found = consumer.partitions_for_topic(topic)
+            if not found:
+                raise StackError(f"topic {topic} does not exist; run `modpipe topics create`")
+            for p in sorted(found):
                 partitions.append(TopicPartition(topic, p))
         consumer.assign(partitions)
         await consumer.seek_to_end(*partitions)
@@ -211,6 +215,7 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
     """The run's report: routes, journeys checked, latencies, losses and duplicates."""
     routes: dict[str, int] = defaultdict(int)
     triage_ms: list[float] = []
+    triage_compute_ms: list[float] = []
     final_ms: list[float] = []
     journey_errors: list[str] = []
     duplicates = 0
@@ -228,6 +233,8 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
         triage_verdicts = [v for v in journey.verdicts if v.stage.value == "triage"]
         if triage_verdicts and triage_verdicts[0].latency.since_ingest_ms is not None:
             triage_ms.append(triage_verdicts[0].latency.since_ingest_ms)
+        if triage_verdicts and triage_verdicts[0].triage is not None:
+            triage_compute_ms.append(triage_verdicts[0].triage.latency_ms)
         if provisional:
             escalated += 1
         if finals:
@@ -265,6 +272,7 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
             "triage_p99": percentile(triage_ms, 99),
             "final_p50": percentile(final_ms, 50),
             "final_p99": percentile(final_ms, 99),
+            "triage_batch_compute_p50": percentile(triage_compute_ms, 50),
         },
     }
 
