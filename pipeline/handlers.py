@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -225,7 +224,7 @@ class TriageHandler:
         await asyncio.gather(
             *(
                 guarded(self.effects, record, self.stage, lambda r=record, i=item, s=score: self._decide(r, i, s))
-                for (record, item), score in zip(decoded, scores)
+                for (record, item), score in zip(decoded, scores, strict=True)
             )
         )
 
@@ -365,6 +364,16 @@ class ReviewIntakeHandler:
         await guarded(self.effects, record, self.stage, lambda: self._handle(record))
 
     async def _handle(self, record: Record) -> None:
+        from pipeline.review_queue import ReviewQueue, default_severities
+
         task = decode_model(record.value, ReviewTask)
-        added = await with_retries(lambda: self.store.enqueue_review(task), stage=self.stage, attempts=STORE_ATTEMPTS)
+        queue = ReviewQueue(self.store, default_severities(self.effects.settings.reasoner.policies_dir))
+
+        async def enqueue() -> bool:
+            # An item decided meanwhile (or a replayed task) must not come back to the reviewers.
+            if (await self.store.recorded(EffectKind.FINAL, task.item.content_id)) is not None:
+                return False
+            return await queue.enqueue(task)
+
+        added = await with_retries(enqueue, stage=self.stage, attempts=STORE_ATTEMPTS)
         log.info("review intake: %s %s %s", record.where, task.item.content_id, "queued" if added else "already known")

@@ -219,12 +219,14 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
     final_ms: list[float] = []
     journey_errors: list[str] = []
     duplicates = 0
+    identical_copies = 0
     pending_review = 0
     final_verdicts = 0
     escalated = 0
     for cid in content_ids:
         journey = observer.journeys.get(cid, Journey())
         finals = journey.finals
+        identical_copies += len(journey.verdicts) - len({v.verdict_id for v in journey.verdicts})
         if len(journey.distinct_finals) > 1:
             duplicates += 1
             decisions = {v.decision.value for v in finals}
@@ -261,6 +263,8 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
         "dead_letters": len(observer.dead_letters),
         "dead_letter_reasons": sorted({f"{d.error_type}: {d.error}"[:160] for d in observer.dead_letters.values()}),
         "duplicate_final_verdicts": duplicates,
+        # Redelivered copies of the same verdict (same verdict_id): at-least-once at work, harmless to consumers.
+        "identical_verdict_copies": identical_copies,
         "lost": len(lost),
         "lost_ids": lost[:20],
         "escalated": escalated,
