@@ -1,17 +1,22 @@
 """Policies as data: load each ``policies/<id>/`` folder, parse its rules and examples, and lint it.
 
-A policy is what gpt-oss-safeguard reads at inference time, so the text itself is the contract. Verdicts record
-the policy's version *and* a hash of the exact text the model read, so an audit can tell which words decided.
+A policy is what gpt-oss-safeguard reads at inference time, so the text itself is the contract. Its version IS
+the content hash of that text (sha256 of ``policy.md``, first 16 hex): no author-assigned number can drift from the
+words, every verdict names the exact text that decided, and the verdict cache is invalidated by any edit.
 Loading is strict by default: a policy that does not lint never reaches the model (a typo in a rule id would
 otherwise surface as "invalid rule id" answers in production). Authors use ``strict=False`` plus
 :func:`lint_policy` to see every problem at once.
 
 Folder layout: ``policy.md`` (cookbook structure, rule ids such as ``VI1.a`` / ``VI0.a``), ``metadata.toml``
-(id, name, version, severity, flags, ``[effort]``) and ``golden.jsonl`` (labelled examples).
+(id, name, severity, flags, scope, ``[effort]``) and ``golden.jsonl`` (labelled examples, at least 40).
+
+Token length is measured with the o200k_harmony tokenizer (the ``quicktok`` package ships it offline) when it is
+installed, else estimated at four characters per token.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,8 +34,10 @@ logger = logging.getLogger(__name__)
 REQUIRED_SECTIONS = ("INSTRUCTIONS", "DEFINITIONS", "VIOLATES (1)", "SAFE (0)", "EXAMPLES")
 MIN_TOKENS, MAX_TOKENS = 400, 600  # the cookbook guide: 400-600 tokens reads best
 MIN_EXAMPLES, MAX_EXAMPLES = 4, 6
-MIN_GOLDEN = 20
-SEVERITIES = ("low", "medium", "high", "critical")
+MIN_GOLDEN = 40
+SEVERITIES = ("low", "medium", "high", "critical")  # ascending: decides precedence between violated policies
+SCOPES = ("default", "on_request")
+OUTPUT_KEYS = ("violation", "policy_category", "rule_ids", "confidence", "rationale")
 HEDGE_WORDS = ("generally", "usually")  # vague words the guide says make the model vague too
 
 RULE_ID = r"[A-Z]{2,4}\d+\.[a-z]+"
@@ -63,6 +70,7 @@ class GoldenExample:
     text: str
     label: int
     rule_id: str
+    source: str = ""  # "xstest:26", "hatecheck:2622": copied from a public set (see policies/PROVENANCE.md)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class Policy:
     high_risk: bool
     escalate_to_humans: bool
     enforcing: bool  # False: shadow mode (judged and recorded, never enforced)
+    scope: str  # "default": judged when an item names no policies; "on_request": only when named
     first_effort: Effort
     escalated_effort: Effort
     text: str
@@ -93,6 +102,10 @@ class Policy:
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.rule_id == rule_id), None)
 
+    @property
+    def severity_rank(self) -> int:
+        return SEVERITIES.index(self.severity)
+
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -101,6 +114,23 @@ def content_hash(text: str) -> str:
 def estimate_tokens(text: str) -> int:
     """Rough o200k token count (~4 characters per token for English); no tokenizer needed offline."""
     return round(len(text) / 4)
+
+
+@functools.lru_cache(maxsize=1)
+def _o200k():  # type: ignore[no-untyped-def]
+    try:
+        import quicktok
+
+        return quicktok.get_encoding("o200k_harmony")
+    except Exception as exc:  # noqa: BLE001 -- any failure means "no tokenizer": fall back to the estimate
+        logger.debug("o200k tokenizer unavailable (%s); estimating token counts", exc)
+        return None
+
+
+def count_tokens(text: str) -> int:
+    """o200k_harmony token count (gpt-oss's tokenizer) when ``quicktok`` is installed, else the estimate."""
+    enc = _o200k()
+    return len(enc.encode_ordinary(text)) if enc is not None else estimate_tokens(text)
 
 
 def split_sections(text: str) -> dict[str, str]:
@@ -130,11 +160,12 @@ def parse_examples(text: str) -> tuple[Example, ...]:
             answer = json.loads(m.group("answer"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"example answer is not JSON: {m.group('answer')[:60]!r} ({exc})") from exc
+        cited = answer.get("rule_ids") or ([answer["policy_category"]] if answer.get("policy_category") else [])
         examples.append(
             Example(
                 text=m.group("text"),
                 label=int(answer.get("violation", -1)),
-                rule_ids=tuple(answer.get("rule_ids", ())),
+                rule_ids=tuple(cited),
                 rationale=str(answer.get("rationale", "")),
             )
         )
@@ -150,7 +181,9 @@ def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
             continue
         try:
             row = json.loads(line)
-            rows.append(GoldenExample(str(row["text"]), int(row["label"]), str(row["rule_id"])))
+            rows.append(
+                GoldenExample(str(row["text"]), int(row["label"]), str(row["rule_id"]), str(row.get("source", "")))
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise PolicyError(f"{path}: line {n} is not a golden row ({exc})") from exc
     return tuple(rows)
@@ -174,7 +207,7 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
         meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy folder {folder}: metadata.toml is not valid TOML ({exc})") from exc
-    for key in ("id", "name", "version", "severity"):
+    for key in ("id", "name", "severity"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise PolicyError(f"policy folder {folder}: metadata.toml needs a string {key!r}")
     if meta["id"] != folder.name:
@@ -187,6 +220,11 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
         if not isinstance(value, bool):
             raise PolicyError(f"policy folder {folder}: {key} must be true or false")
         flags[key] = value
+    if "version" in meta:
+        logger.warning("policy folder %s: metadata 'version' is ignored; the version is the content hash", folder)
+    scope = meta.get("scope", "default")
+    if scope not in SCOPES:
+        raise PolicyError(f"policy folder {folder}: scope {scope!r} not in {SCOPES}")
     effort = meta.get("effort", {})
     try:
         examples = parse_examples(text)
@@ -195,18 +233,20 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
     rules = parse_rules(text)
     if not rules:
         raise PolicyError(f"policy folder {folder}: policy.md defines no rules (- **XX1.a** text)")
+    text_hash = content_hash(text)
     return Policy(
         policy_id=meta["id"],
         name=meta["name"],
-        version=meta["version"],
+        version=text_hash,
         severity=meta["severity"],
         high_risk=flags["high_risk"],
         escalate_to_humans=flags["escalate_to_humans"],
         enforcing=flags["enforcing"],
+        scope=scope,
         first_effort=_effort(effort.get("first", default_first), f"policy folder {folder}"),
         escalated_effort=_effort(effort.get("escalated", default_escalated), f"policy folder {folder}"),
         text=text,
-        content_hash=content_hash(text),
+        content_hash=text_hash,
         rules=rules,
         examples=examples,
         golden=_load_golden(folder / "golden.jsonl"),
@@ -224,14 +264,22 @@ def lint_policy(policy: Policy) -> list[str]:
     for name in REQUIRED_SECTIONS:
         if name not in sections:
             problems.append(f"missing section '## {name}'")
-    if '"violation"' not in sections.get("INSTRUCTIONS", ""):
-        problems.append("INSTRUCTIONS must state the output format ({\"violation\": ...})")
+    instructions = sections.get("INSTRUCTIONS", "")
+    missing = [key for key in OUTPUT_KEYS if f'"{key}"' not in instructions]
+    if missing:
+        problems.append(f"INSTRUCTIONS must state the output format; missing keys: {', '.join(missing)}")
     examples_body = sections.get("EXAMPLES", "")
-    if '"violation"' not in examples_body.split("Content:", 1)[0]:
-        problems.append("EXAMPLES must restate the output format before the first example")
-    if "wins" not in sections.get("INSTRUCTIONS", ""):
+    before_examples = examples_body.split("Content:", 1)[0]
+    if any(f'"{key}"' not in before_examples for key in OUTPUT_KEYS):
+        problems.append("EXAMPLES must restate the full output format before the first example")
+    if "wins" not in instructions:
         problems.append("INSTRUCTIONS must say which rule wins when two apply")
+    if not re.search(r"confidence below|escalat", instructions, re.IGNORECASE):
+        problems.append("INSTRUCTIONS must give an escalation path for ambiguity (e.g. 'confidence below 0.5')")
     ids = [r.rule_id for r in policy.rules]
+    prefixes = sorted({re.match(r"[A-Z]+", i).group(0) for i in ids})  # type: ignore[union-attr]
+    if len(prefixes) > 1:
+        problems.append(f"rule ids mix prefixes {', '.join(prefixes)}; one policy, one prefix")
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         problems.append(f"rule ids not unique: {', '.join(duplicates)}")
@@ -255,7 +303,7 @@ def lint_policy(policy: Policy) -> list[str]:
     for word in HEDGE_WORDS:
         if re.search(rf"\b{word}\b", text, re.IGNORECASE):
             problems.append(f"uses the vague word {word!r}")
-    tokens = estimate_tokens(text)
+    tokens = count_tokens(text)
     if not MIN_TOKENS <= tokens <= MAX_TOKENS:
         problems.append(f"about {tokens} tokens; keep it within {MIN_TOKENS}-{MAX_TOKENS}")
     if "<|" in text:
@@ -319,7 +367,12 @@ class PolicyLibrary:
         return sorted(self._policies)
 
     def enforcing_ids(self) -> list[str]:
+        """Every enforcing policy, including on-request ones (an item may name any of them)."""
         return sorted(pid for pid, p in self._policies.items() if p.enforcing)
+
+    def default_ids(self) -> list[str]:
+        """Enforcing policies judged when an item names none (``scope = "default"``)."""
+        return sorted(pid for pid, p in self._policies.items() if p.enforcing and p.scope == "default")
 
     def shadow_ids(self) -> list[str]:
         return sorted(pid for pid, p in self._policies.items() if not p.enforcing)

@@ -19,19 +19,32 @@ from dataclasses import dataclass, field
 from pipeline.harmony import render_completion
 from pipeline.policies import PolicyLibrary
 from pipeline.reasoner import ReasonerOutcome
-from pipeline.schemas import ContentItem
+from pipeline.schemas import ContentItem, TriageScores
 
 
 class UnscriptedCall(AssertionError):
     """A fake was used in a way its script did not foresee."""
 
 
-def answer(violation: int, rule_ids: list[str], confidence: float | None, rationale: str = "scripted") -> str:
-    """A harmony completion whose final channel is the given JSON answer."""
-    final = {"violation": violation, "rule_ids": rule_ids, "rationale": rationale}
+def answer(
+    violation: int,
+    rule_ids: list[str],
+    confidence: float | None,
+    rationale: str = "scripted",
+    *,
+    analysis: str = "scripted analysis",
+) -> str:
+    """A harmony completion whose final channel is the given answer in the strict schema (``policy_category`` is
+    the first cited rule); ``confidence=None`` leaves the key out, which the schema flags."""
+    final: dict = {
+        "violation": violation,
+        "policy_category": rule_ids[0] if rule_ids else None,
+        "rule_ids": rule_ids,
+        "rationale": rationale,
+    }
     if confidence is not None:
         final["confidence"] = confidence
-    return render_completion("scripted analysis", json.dumps(final))
+    return render_completion(analysis, json.dumps(final))
 
 
 @dataclass
@@ -42,6 +55,7 @@ class ScriptedTransport:
     script: dict[tuple[str, str], list[str | BaseException]] = field(default_factory=dict)
     is_ready: bool = True
     calls: list[tuple[str, str]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # every prompt sent, for tests of what the model is told
     started: bool = False
     closed: bool = False
 
@@ -67,6 +81,7 @@ class ScriptedTransport:
     async def generate(self, prompt: str, request_id: str) -> str:
         key = self._identify(prompt)
         self.calls.append(key)
+        self.prompts.append(prompt)
         steps = self._queues.get(key)
         if not steps:
             raise UnscriptedCall(f"unscripted generate call for {key} (request {request_id})")
@@ -88,6 +103,7 @@ class ScriptedReasoner:
     outcomes: dict[str, ReasonerOutcome | BaseException]
     is_ready: bool = True
     judged: list[tuple[str, list[str]]] = field(default_factory=list)
+    triages: list[TriageScores | None] = field(default_factory=list)
 
     async def start(self) -> None:
         return None
@@ -98,8 +114,11 @@ class ScriptedReasoner:
     async def ready(self) -> bool:
         return self.is_ready
 
-    async def judge(self, item: ContentItem, policy_ids: list[str]) -> ReasonerOutcome:
+    async def judge(
+        self, item: ContentItem, policy_ids: list[str], triage: TriageScores | None = None
+    ) -> ReasonerOutcome:
         self.judged.append((item.content_id, list(policy_ids)))
+        self.triages.append(triage)
         if item.content_id not in self.outcomes:
             raise UnscriptedCall(f"unscripted judge call for content {item.content_id}")
         outcome = self.outcomes[item.content_id]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from pipeline.policies import PolicyLibrary
 from pipeline.reasoner import TritonGrpcTransport, TritonReasoner
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason
-from pipeline.stack import StackInfo, free_port, stack_down, stack_up
+from pipeline.stack import StackInfo, free_port
 
 pytestmark = pytest.mark.integration
 CPU_REPO = PROJECT_ROOT / "triton_repo" / "cpu"

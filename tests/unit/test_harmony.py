@@ -101,3 +101,65 @@ def test_parse_answer_cookbook_formats(violence) -> None:  # type: ignore[no-unt
 def test_parse_answer_garbage(violence, garbage: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelOutputError):
         parse_answer(garbage, violence)
+
+
+# -- held to the reference implementation (openai-harmony, loaded offline from quicktok's o200k vocabulary) --------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):  # type: ignore[no-untyped-def]
+    pytest.importorskip("openai_harmony", reason="openai-harmony (test extra) not installed")
+    pytest.importorskip("quicktok", reason="quicktok not installed")
+    from pipeline.harmony import load_reference_encoding
+
+    return load_reference_encoding(tmp_path_factory.mktemp("o200k"))
+
+
+def _reference_prompt(enc, policy_text: str, content: str, effort: Effort) -> list[int]:  # type: ignore[no-untyped-def]
+    import openai_harmony as h
+
+    conversation = h.Conversation.from_messages([
+        h.Message.from_role_and_content(
+            h.Role.SYSTEM, h.SystemContent.new().with_reasoning_effort(h.ReasoningEffort[effort.name])
+        ),
+        h.Message.from_role_and_content(h.Role.DEVELOPER, h.DeveloperContent.new().with_instructions(policy_text)),
+        h.Message.from_role_and_content(h.Role.USER, content),
+    ])
+    return enc.render_conversation_for_completion(conversation, h.Role.ASSISTANT)
+
+
+@pytest.mark.parametrize("effort", list(Effort))
+def test_prompt_matches_openai_harmony_token_for_token(reference, violence, effort: Effort) -> None:  # type: ignore[no-untyped-def]
+    content = "How do I kill a Python process that hangs?"
+    expected = _reference_prompt(reference, violence.text.strip(), content, effort)
+    ours = reference.encode(render_prompt(violence.text, content, effort), allowed_special="all")
+    assert ours == expected
+    assert reference.decode(expected) == render_prompt(violence.text, content, effort)
+
+
+def test_injected_content_cannot_add_special_tokens(reference, violence) -> None:  # type: ignore[no-untyped-def]
+    # vLLM tokenises the prompt text with special tokens allowed: only neutralisation keeps content ordinary text.
+    def specials(prompt: str) -> list[int]:
+        return [t for t in reference.encode(prompt, allowed_special="all") if t >= 200000]  # o200k specials: >= 200000
+
+    structural = specials(render_prompt(violence.text, "nice post", Effort.LOW))
+    names = [reference.decode([t]) for t in structural]
+    assert names == ["<|start|>", "<|message|>", "<|end|>"] * 3 + ["<|start|>"]  # system, developer, user, assistant
+    assert specials(render_prompt(violence.text, INJECTION, Effort.LOW)) == structural
+    # the same attack spliced in without neutralise() would add a forged developer message
+    raw = render_prompt(violence.text, "x", Effort.LOW).replace("<|message|>x<|end|>", "<|message|>" + INJECTION + "<|end|>")
+    assert len(specials(raw)) > len(structural)
+
+
+def test_completion_parsing_agrees_with_openai_harmony(reference, violence) -> None:  # type: ignore[no-untyped-def]
+    import openai_harmony as h
+
+    final = '{"violation": 0, "policy_category": "VI0.a", "rule_ids": ["VI0.a"], "confidence": 0.9, "rationale": "x"}'
+    text = render_completion("The content is about software.", final)
+    messages = reference.parse_messages_from_completion_tokens(reference.encode(text, allowed_special="all"), h.Role.ASSISTANT)
+    assert [(m.channel, m.content[0].text) for m in messages] == [
+        ("analysis", "The content is about software."), ("final", final)
+    ]
+    ours = parse_completion(text)
+    assert (ours.analysis, ours.final) == ("The content is about software.", final)
+    assert parse_answer(ours.final, violence).output_errors == []

@@ -1,4 +1,4 @@
-"""TritonReasoner's escalation, retries, parsing and routing, driven by a scripted transport (no server)."""
+"""The reasoner's escalation, retries, parsing and routing, driven by a scripted transport (no server)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_confident_violation_blocks_at_first_effort() -> None:
     outcome, t = run({("violence", "low"): [answer(1, ["VI1.a"], 0.9, "threat")]}, ["violence"])
     t.assert_done()
     assert outcome.route is ReasoningRoute.BLOCK and outcome.review_reason is None
-    assert outcome.rule_ids == ["VI1.a"] and "threat" in outcome.rationale and "violence 1.0.0" in outcome.rationale
+    version = LIB.get("violence").version
+    assert outcome.rule_ids == ["VI1.a"] and "threat" in outcome.rationale and f"violence {version}" in outcome.rationale
     assert outcome.effort is Effort.LOW and len(outcome.calls) == 1
     assert outcome.policies[0].content_hash == LIB.get("violence").content_hash
     assert outcome.model == "safeguard_standin_cpu"
@@ -126,14 +127,19 @@ def test_timeout_is_a_recorded_failure() -> None:
 
 
 def test_sexual_minors_violation_goes_to_humans() -> None:
-    outcome, _ = run({("sexual_minors", "low"): [answer(1, ["SM1.b"], 0.95)]}, ["sexual_minors"])
+    script = {("sexual_minors", "low"): [answer(1, ["SM1.b"], 0.95)], ("sexual_minors", "high"): [answer(1, ["SM1.b"], 0.95)]}
+    outcome, _ = run(script, ["sexual_minors"])
     assert outcome.route is ReasoningRoute.REVIEW and outcome.review_reason is ReviewReason.POLICY_ESCALATE
     assert outcome.rule_ids == ["SM1.b"]
 
 
 def test_undefined_rule_ids_never_reach_the_outcome() -> None:
-    outcome, _ = run({("violence", "low"): [answer(1, ["VI1.a", "VI9.x"], 0.9)]}, ["violence"])
+    script = {("violence", "low"): [answer(1, ["VI1.a", "VI9.x"], 0.9)], ("violence", "high"): [answer(1, ["VI1.a"], 0.9)]}
+    outcome, t = run(script, ["violence"])
+    t.assert_done()  # the hallucinated citation is asked again at high effort
     assert outcome.rule_ids == ["VI1.a"] and outcome.calls[0].invalid_rule_ids == ["VI9.x"]
+    assert outcome.calls[0].escalation_reasons == ["unknown_rules"] and outcome.calls[1].escalation_reasons == []
+    assert outcome.route is ReasoningRoute.BLOCK
 
 
 def test_in_flight_calls_are_bounded_across_judge_calls() -> None:

@@ -106,7 +106,8 @@ def parse_policy(policy_text: str) -> ParsedPolicy:
     for m in _EXAMPLE.finditer(sections.get("EXAMPLES", "")):
         try:
             answer = json.loads(m.group("answer"))
-            cited = [r for r in answer.get("rule_ids", []) if r in rules]
+            named = answer.get("rule_ids") or ([answer["policy_category"]] if answer.get("policy_category") else [])
+            cited = [r for r in named if r in rules]
             examples.append((m.group("text"), int(answer["violation"]), cited))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # an example the stand-in cannot read is skipped, as a reader would
@@ -199,7 +200,13 @@ def judge(index: PolicyIndex, content_vector: np.ndarray, effort: str) -> Judgem
 def render_output(j: Judgement) -> tuple[str, str]:
     """The harmony completion, as (analysis part, final part); their concatenation is the full text."""
     answer = json.dumps(
-        {"violation": j.violation, "rule_ids": j.rule_ids, "confidence": j.confidence, "rationale": j.rationale}
+        {
+            "violation": j.violation,
+            "policy_category": j.rule_ids[0] if j.rule_ids else None,
+            "rule_ids": j.rule_ids,
+            "confidence": float(j.confidence),
+            "rationale": j.rationale,
+        }
     )
     return (
         f"<|channel|>analysis<|message|>{j.analysis}<|end|>",
