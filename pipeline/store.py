@@ -157,27 +157,57 @@ class Store:
         verdict = Verdict.model_validate_json(fields[1]) if fields[1] else None
         return VisibilityRecord(Visibility(fields[0].decode()), verdict, fields[2] in (b"1", "1"))
 
-    # -- review queue (oldest first) ---------------------------------------------------------------------------
+    # -- review queue (the queues, claims and decision log live in pipeline.review_queue) -----------------------
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client, for :mod:`pipeline.review_queue`'s scripts (same prefix, same error mapping via ``guard``)."""
+        return self._redis
+
+    async def guard(self, awaitable):  # type: ignore[no-untyped-def]
+        """Await a Redis call, turning connection failures into :class:`StoreUnavailable`."""
+        return await self._call(awaitable)
 
     async def enqueue_review(self, task: ReviewTask) -> bool:
-        """Add a task to the pending queue unless the item already has one or is decided. True if added."""
+        """Add a task to its review queue unless the item already has one or is decided. True if added."""
+        from pipeline.review_queue import ReviewQueue, default_severities
+
         if (await self.recorded(EffectKind.FINAL, task.item.content_id)) is not None:
             return False
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hsetnx(self.key("review", "tasks"), task.item.content_id, task.to_bytes())
-        pipe.zadd(self.key("review", "pending"), {task.item.content_id: task.created_at.timestamp()}, nx=True)
-        added, _ = await self._call(pipe.execute())
-        return bool(added)
+        return await ReviewQueue(self, default_severities()).enqueue(task)
 
     async def pending_reviews(self, limit: int = 100) -> list[ReviewTask]:
-        ids = await self._call(self._redis.zrange(self.key("review", "pending"), 0, limit - 1))
-        if not ids:
-            return []
-        raw = await self._call(self._redis.hmget(self.key("review", "tasks"), *ids))
-        return [ReviewTask.model_validate_json(r) for r in raw if r is not None]
+        """Pending review tasks, oldest first across every queue."""
+        from pipeline.review_queue import ReviewQueue
+
+        return await ReviewQueue(self).pending(limit)
 
     async def pending_review_count(self) -> int:
-        return int(await self._call(self._redis.zcard(self.key("review", "pending"))))
+        from pipeline.review_queue import ReviewQueue
 
-    async def remove_pending_review(self, content_id: str) -> None:
-        await self._call(self._redis.zrem(self.key("review", "pending"), content_id))
+        return await ReviewQueue(self).pending_count()
+
+    async def visibility_after_appeal(self, content_id: str, verdict: Verdict, supersedes: str) -> bool:
+        """Point visibility at an appeal outcome, but only over the verdict it supersedes (or itself, on a retry).
+
+        The ledger records an appeal outcome under its own effect id (``appeal:<content_id>:<round>``), so it
+        cannot move visibility itself; this compare-and-set keeps a late retry of an older round from winning.
+        """
+        script = self._redis.register_script(_APPEAL_VIS_SCRIPT)
+        changed = await self._call(
+            script(
+                keys=[self.key("vis", content_id)],
+                args=[supersedes, verdict.verdict_id, visibility_for(verdict).value, verdict.to_bytes(),
+                      f"{time.time():.6f}", self._settings.verdict_ttl_s],
+            )
+        )
+        return bool(changed)
+
+
+_APPEAL_VIS_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'verdict_id')
+if current ~= ARGV[1] and current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'verdict', ARGV[4], 'verdict_id', ARGV[2], 'final', '1', 'updated_at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+return 1
+"""
