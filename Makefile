@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 		echo "warning: redis-server not found; the local stack needs a Redis at MODPIPE_REDIS__URL"; }
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "warning: /usr/bin/chromium not found; the reviewer-page test (tests/e2e/test_review_page.py) needs it"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

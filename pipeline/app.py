@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,15 @@ def create_app(settings: Settings, role: Role) -> faust.App:
                 store, publisher = await open_common()
                 loop = asyncio.get_running_loop()
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-                model = await loop.run_in_executor(executor, TriageModel.load, settings.triage.model_dir)
+                model = await loop.run_in_executor(
+                    executor,
+                    functools.partial(
+                        TriageModel.load,
+                        settings.triage.model_dir,
+                        settings=settings.triage,
+                        triton_grpc_url=settings.triton.grpc_url,
+                    ),
+                )
                 # Load the embedder now, not on the first message: readiness must mean "can score at full speed".
                 await loop.run_in_executor(executor, model.warm_up)
                 library = PolicyLibrary.load(settings.reasoner.policies_dir)
@@ -157,11 +166,11 @@ def create_app(settings: Settings, role: Role) -> faust.App:
             if "reasoning" not in state:
                 from pipeline.handlers import ReasoningHandler
                 from pipeline.policies import PolicyLibrary
-                from pipeline.reasoner import TritonReasoner
+                from pipeline.reasoner import build_reasoner
 
                 store, publisher = await open_common()
                 library = PolicyLibrary.load(settings.reasoner.policies_dir)
-                reasoner = TritonReasoner(settings.triton, settings.reasoner, library)
+                reasoner = build_reasoner(settings, library)
                 await reasoner.start()
                 state["reasoner"] = reasoner
                 state["reasoning"] = ReasoningHandler(settings, reasoner, library, Effects(settings, store, publisher))

@@ -15,13 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.bench_docs import markers, replace_section
 from pipeline.demo import _publish_items, pipeline_running
 from pipeline.harness import percentile, write_json
 from pipeline.schemas import VerdictStatus
 from pipeline.traffic import sample_items, sample_texts
 
-BENCHMARKS_MD = PROJECT_ROOT / "docs" / "BENCHMARKS.md"
 
 
 def embedder_throughput(texts: list[str], batch_size: int) -> float:
@@ -29,7 +28,8 @@ def embedder_throughput(texts: list[str], batch_size: int) -> float:
     from pipeline.config import load_settings
     from pipeline.triage import TriageModel
 
-    model = TriageModel.load(load_settings().triage.model_dir)
+    settings = load_settings()
+    model = TriageModel.load(settings.triage.model_dir, settings=settings.triage, triton_grpc_url=settings.triton.grpc_url)
     model.score(texts[:batch_size])  # warm-up: first call pays for lazy initialisation
     start = time.perf_counter()
     for i in range(0, len(texts), batch_size):
@@ -114,7 +114,7 @@ def _cpu_count() -> int:
 
 def _write_markdown(report: dict) -> None:
     """Replace the spine section of docs/BENCHMARKS.md, keeping every other section."""
-    begin, end = "<!-- bench:spine:begin -->", "<!-- bench:spine:end -->"
+    begin, end = markers("spine")
     lat = report["latency_ms"]
     body = f"""{begin}
 ## Spine: triage throughput and verdict latency (`modpipe bench spine`)
@@ -134,10 +134,4 @@ stand-in reasoner); one worker per role, all on the same machine.
 
 Latency is from the item's broker timestamp on `content.incoming` to the verdict's `decided_at`.
 {end}"""
-    BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nNumbers written by `modpipe bench ...` commands; do not edit the marked sections by hand.\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    BENCHMARKS_MD.write_text(text)
+    replace_section("spine", body)

@@ -19,18 +19,12 @@ stack_app = typer.Typer(help="The local stack: Tansu broker, Redis, Triton (CPU)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 visibility_app = typer.Typer(help="The visibility store.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
-triage_app = typer.Typer(help="The triage classifier.", no_args_is_help=True)
-policy_app = typer.Typer(help="Policies.", no_args_is_help=True)
-review_app = typer.Typer(help="Human review.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that write docs/BENCHMARKS.md.", no_args_is_help=True)
 for sub, name in (
     (stack_app, "stack"),
     (config_app, "config"),
     (visibility_app, "visibility"),
     (topics_app, "topics"),
-    (triage_app, "triage"),
-    (policy_app, "policy"),
-    (review_app, "review"),
     (bench_app, "bench"),
 ):
     app.add_typer(sub, name=name)
@@ -236,61 +230,24 @@ def visibility_get(content_id: str) -> None:
     asyncio.run(run())
 
 
-@review_app.command("list")
-def review_list(limit: int = typer.Option(20)) -> None:
-    """List pending review tasks, oldest first."""
-    from pipeline.store import Store
-
-    async def run() -> None:
-        store = Store(_settings().redis)
-        try:
-            tasks = await store.pending_reviews(limit)
-            total = await store.pending_review_count()
-        finally:
-            await store.close()
-        console.print(f"{total} pending")
-        for task in tasks:
-            console.print(f"{task.created_at:%Y-%m-%d %H:%M:%S} {task.item.content_id} {task.reason.value} "
-                          f"{','.join(task.policy_ids)}")
-
-    asyncio.run(run())
-
-
-@triage_app.command("train")
-def triage_train(
-    out: Path = typer.Option(Path("triage_models/artifacts/current"), help="Artefact folder to write."),
-    target_accuracy: float = typer.Option(0.97, help="Accuracy required of auto-decided items."),
-) -> None:
-    """Train the triage heads and choose their thresholds."""
-    from triage_models.train import train
-
-    card = train(out, target_accuracy=target_accuracy)
-    console.print_json(json.dumps(card.get("metrics", card), default=str))
-
-
-@policy_app.command("lint")
-def policy_lint() -> None:
-    """Check every policy folder; exit 1 if any has problems."""
-    from pipeline.errors import PolicyError
-    from pipeline.policies import PolicyLibrary, lint_policy
-
-    try:
-        library = PolicyLibrary.load(_settings().reasoner.policies_dir, strict=False)
-    except PolicyError as exc:
-        _fail(str(exc))
-        return
-    problems = 0
-    for policy_id in library.ids():
-        found = lint_policy(library.get(policy_id))
-        problems += len(found)
-        console.print(f"{policy_id} v{library.get(policy_id).version}: " + ("ok" if not found else "; ".join(found)))
-    if problems:
-        raise typer.Exit(1)
-
-
 # -- sub-command modules by area ------------------------------------------------------------------------------
 # Each area keeps its commands in its own module and registers them here, one line each.
 # (mount area modules below this line)
+from pipeline.cli_deploy import deploy_app as _deploy_app  # noqa: E402 - mounted after the core commands
+from pipeline.cli_policy import policy_app as _policy_app  # noqa: E402
+from pipeline.cli_review import register_bench as _register_review_bench  # noqa: E402
+from pipeline.cli_review import review_app as _review_app  # noqa: E402
+from pipeline.cli_triage import register_bench as _register_triage_bench  # noqa: E402
+from pipeline.cli_triage import triage_app as _triage_app  # noqa: E402
+from pipeline.reasoner_bench import register_bench as _register_reasoner_bench  # noqa: E402
+
+app.add_typer(_triage_app, name="triage")
+app.add_typer(_policy_app, name="policy")
+app.add_typer(_review_app, name="review")
+app.add_typer(_deploy_app, name="deploy")
+_register_triage_bench(bench_app)
+_register_reasoner_bench(bench_app)
+_register_review_bench(bench_app)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +38,9 @@ class KafkaSettings(_Section):
     review_topic: str = Field("moderation.review", description="Edge cases waiting for a human reviewer.")
     verdicts_topic: str = Field("moderation.verdicts", description="Provisional and final verdicts for platforms.")
     deadletter_topic: str = Field("moderation.deadletter", description="Bad input and permanent failures.")
+    decisions_topic: str = Field(
+        "moderation.decisions", description="Audit log of reviewer actions (decisions, escalations, appeals)."
+    )
     partitions: int = Field(4, ge=1, description="Partitions per topic when the project creates them.")
     replication_factor: int = Field(1, ge=1, description="Replication factor when the project creates topics.")
     session_timeout_s: float = Field(
@@ -61,6 +64,7 @@ class KafkaSettings(_Section):
                 self.review_topic,
                 self.verdicts_topic,
                 self.deadletter_topic,
+                self.decisions_topic,
             )
         ]
 
@@ -97,6 +101,24 @@ class TriageSettings(_Section):
     batch_size: int = Field(32, ge=1, description="Most messages embedded together (Faust stream.take).")
     batch_within_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     max_text_chars: int = Field(20_000, ge=1, description="Longer texts are dead-lettered as too large.")
+    embedder: str = Field(
+        "onnx-int8",
+        pattern="^(onnx-int8|torch|triton)$",
+        description="Embedder backend: onnx-int8 (in process, the project's int8 ONNX model), torch "
+        "(sentence-transformers float32, the reference) or triton (the triton_embedder_model on the Triton server).",
+    )
+    max_seq_length: int = Field(256, ge=8, le=512, description="Tokens per text the embedder reads (rest truncated).")
+    embedder_threads: int = Field(
+        0, ge=0, description="onnx-int8: texts embedded in parallel (one core each); 0 uses every available core."
+    )
+    embedding_cache_size: int = Field(4096, ge=0, description="LRU cache of embeddings of repeated texts; 0 disables.")
+    embedder_token_budget: int = Field(
+        0, ge=0, description="onnx-int8: tokens per ONNX Runtime call; 0 runs one text per call, so a score never "
+        "depends on its batch-mates (int8 activation scales are per call).",
+    )
+    triton_embedder_model: str = Field(
+        "minilm_embedder", description="Triton model used when embedder is 'triton' (triton_repo/gpu/minilm_embedder)."
+    )
 
 
 class ReasonerSettings(_Section):
@@ -108,10 +130,50 @@ class ReasonerSettings(_Section):
     min_confidence: float = Field(
         0.6, ge=0, le=1, description="Answers below this self-reported confidence go to the next effort, then review."
     )
+    backend: Literal["triton", "openai"] = Field(
+        "triton",
+        description="Where the reasoning model runs: Triton (decoupled generate, harmony rendered by modpipe) or an "
+        "OpenAI-compatible chat endpoint (vLLM serve, Ollama, LM Studio).",
+    )
+    openai_base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible endpoint (backend=openai)."
+    )
+    openai_model: str = Field("openai/gpt-oss-safeguard-20b", description="Model name sent to that endpoint.")
+    openai_api_key: SecretStr | None = Field(None, description="Bearer token for that endpoint, if it needs one.")
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed calls (after retries) that open the circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        30.0, gt=0, description="How long an open breaker fails calls fast before letting one trial call through."
+    )
+    cache_enabled: bool = Field(True, description="Keep answers in the Redis verdict cache (text hash, policy, effort).")
+    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="How long a cached answer is reused.")
+    analysis_max_chars: int = Field(
+        4000, ge=0, description="Chain of thought kept per call as reviewer evidence (longer is cut in the middle)."
+    )
+    triage_confident_above: float = Field(
+        0.9, ge=0, le=1, description="A triage violation score this high makes a 'no violation' answer a contradiction."
+    )
+    triage_confident_below: float = Field(
+        0.1, ge=0, le=1, description="A triage violation score this low makes a 'violation' answer a contradiction."
+    )
 
 
 class ReviewSettings(_Section):
     claim_ttl_s: int = Field(900, gt=0, description="How long a reviewer's claim on a task lasts.")
+    host: str = Field("127.0.0.1", description="Address `modpipe review serve` binds.")
+    port: int = Field(8480, ge=0, le=65535, description="Port `modpipe review serve` listens on.")
+    url: str = Field(
+        "http://127.0.0.1:8480", description="Base URL of the review service, for the `modpipe review` client commands."
+    )
+    token: SecretStr | None = Field(
+        None, description="Access token the `modpipe review` client commands send (reviewer or admin)."
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bootstrap admin token accepted by the review service (only its hash is kept in memory)."
+    )
+    session_ttl_s: int = Field(8 * 3600, gt=0, description="How long a web-page login session lasts.")
+    metrics_port: int = Field(0, ge=0, description="Prometheus exporter port of the review service; 0 disables it.")
 
 
 class WorkerSettings(_Section):

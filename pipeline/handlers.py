@@ -198,6 +198,7 @@ class TriageHandler:
         self.effects = effects
         self.executor = executor
         self.enforcing = library.enforcing_ids()
+        self.default_policies = library.default_ids()
 
     async def handle_batch(self, records: Sequence[Record]) -> None:
         decoded: list[tuple[Record, ContentItem]] = []
@@ -236,9 +237,12 @@ class TriageHandler:
         if await self.effects.finish_pending(EffectKind.ESCALATION, cid, cid):
             await self.effects.finish_pending(EffectKind.PROVISIONAL, cid, cid)
             return
-        enforcing = [p for p in (item.policy_ids or self.enforcing) if p in self.enforcing]
-        if not enforcing:
-            raise PolicyError(f"none of the requested policies {item.policy_ids} is enforcing")
+        if item.policy_ids:
+            enforcing = [p for p in item.policy_ids if p in self.enforcing]
+            if not enforcing:
+                raise PolicyError(f"none of the requested policies {item.policy_ids} is enforcing")
+        else:
+            enforcing = self.default_policies
         decision = route_triage(scores, self.model.thresholds, enforcing)
         ingested = ingest_time(record)
         latency = Latency(triage_ms=scores.latency_ms, since_ingest_ms=_since_ingest_ms(ingested))
@@ -312,7 +316,7 @@ class ReasoningHandler:
             return
         for policy_id in escalation.policy_ids:
             self.library.get(policy_id)  # PolicyError (dead letter, item stays hidden) for an unknown policy
-        outcome = await self.reasoner.judge(item, escalation.policy_ids)
+        outcome = await self.reasoner.judge(item, escalation.policy_ids, triage=escalation.triage)
         latency = Latency(
             triage_ms=escalation.triage.latency_ms,
             reasoner_ms=outcome.latency_ms,
@@ -334,6 +338,10 @@ class ReasoningHandler:
                 latency=latency,
             )
             await self.effects.verdict(final)
+            # Triage hid the item just before escalating it: escalated_at is when the hide began.
+            metrics.time_hidden_seconds.labels(Stage.REASONER.value).observe(
+                max(0.0, (final.decided_at - escalation.escalated_at).total_seconds())
+            )
             log.info("reasoning: %s %s %s (effort %s)", record.where, cid, final.decision.value, outcome.effort.value)
             return
         assert outcome.review_reason is not None

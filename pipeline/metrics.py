@@ -46,3 +46,68 @@ def serve(port: int) -> None:
     """Expose the metrics over HTTP on ``port`` (0 leaves them unexposed)."""
     if port:
         start_http_server(port, addr="0.0.0.0")
+
+
+# -- operations metrics (issue 6): caches, the review queue, time hidden ------------------------------------------
+# Defined here so every role exports them (with zero samples until used); the code that owns each cache or queue
+# instruments it. The Grafana dashboard (deploy/grafana/dashboards/modpipe.json) and docs/OPERATIONS.md read them.
+
+from prometheus_client import Gauge  # noqa: E402 - appended section, kept self-contained
+
+HIDDEN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
+
+cache_requests_total = Counter(
+    "modpipe_cache_requests_total",
+    "Cache lookups by cache (e.g. verdict, policy_prompt) and result (hit or miss); hit rate = hit / all.",
+    ["cache", "result"],
+)
+review_queue_depth = Gauge(
+    "modpipe_review_queue_depth",
+    "Review tasks pending in the Redis queue (sampled; every sampler reports the same shared queue: use max()).",
+)
+review_queue_oldest_age_seconds = Gauge(
+    "modpipe_review_queue_oldest_age_seconds",
+    "Age of the oldest pending review task, 0 when the queue is empty (sampled like the depth).",
+)
+time_hidden_seconds = Histogram(
+    "modpipe_time_hidden_seconds",
+    "From the provisional hide to the final verdict that ends it, by the stage that decided (reasoner, review).",
+    ["stage"],
+    buckets=HIDDEN_BUCKETS,
+)
+
+
+def cache_lookup(cache: str, hit: bool) -> None:
+    """Count one cache lookup; ``cache`` is a short fixed name, never a key."""
+    cache_requests_total.labels(cache, "hit" if hit else "miss").inc()
+
+
+def set_review_queue(depth: int, oldest_enqueued_at: float | None, now: float) -> None:
+    """Record a sample of the review queue: its depth and the enqueue time (epoch seconds) of its oldest task."""
+    review_queue_depth.set(depth)
+    review_queue_oldest_age_seconds.set(max(0.0, now - oldest_enqueued_at) if oldest_enqueued_at else 0.0)
+
+
+# -- human review (issue 5): the review service's own metrics; queue depth and time hidden are defined above ----------
+
+review_actions_total = Counter(
+    "modpipe_review_actions_total",
+    "Reviewer actions by action (decide, skip, escalate, appeal) and outcome (ok, not_held, expired, ...).",
+    ["action", "outcome"],
+)
+review_claim_seconds = Histogram(
+    "modpipe_review_claim_seconds",
+    "Time to claim the next review item (one Redis script), by result (item or empty).",
+    ["result"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+# -- reasoner (issue 4): the circuit breaker's state -------------------------------------------------------------
+
+from prometheus_client import Gauge as _Gauge  # noqa: E402 - appended section, kept self-contained
+
+reasoner_circuit_open = _Gauge(
+    "modpipe_reasoner_circuit_open",
+    "1 while the reasoner's circuit breaker is open (calls fail fast and items go to review), else 0.",
+)

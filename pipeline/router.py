@@ -82,6 +82,12 @@ def route_triage(
             _policies_to_check(scores, thresholds, enforcing_policies),
         )
     if scores.violation < thresholds.allow_below:
+        # A policy the classifier has no category for (e.g. fraud/spam, asked for by the producer) cannot be
+        # cleared by triage: only the reasoner can say the item does not violate it.
+        covered = set(thresholds.category_policies.values())
+        uncovered = tuple(p for p in enforcing_policies if p not in covered)
+        if uncovered:
+            return TriageDecision(TriageRoute.ESCALATE, EscalationReason.AMBIGUOUS, uncovered)
         return TriageDecision(TriageRoute.ALLOW)
     if scores.violation >= thresholds.block_above:
         return TriageDecision(TriageRoute.BLOCK, policy_ids=_policies_to_check(scores, thresholds, enforcing_policies))

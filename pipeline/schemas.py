@@ -103,6 +103,24 @@ class ReasonerCall(_Wire):
     rationale: str = Field("", description="The model's short rationale (final channel).")
     error: str | None = Field(None, description="Why the call failed or its output was unusable.")
     latency_ms: float = Field(..., ge=0)
+    policy_category: str | None = Field(
+        None, description="The deciding rule id the model named (checked against the policy like rule_ids)."
+    )
+    analysis: str = Field(
+        "",
+        description="The model's chain of thought (analysis channel), size-capped. Evidence for reviewers and "
+        "audits only: never show it to end users.",
+    )
+    output_errors: list[str] = Field(
+        default_factory=list, description="Where the final answer broke the strict answer schema (still readable)."
+    )
+    escalation_reasons: list[str] = Field(
+        default_factory=list,
+        description="Why this answer was not accepted as final (low_confidence, invalid_output, unknown_rules, "
+        "contradicts_triage, high_risk_policy, rules_disagree); empty when it was.",
+    )
+    cached: bool = Field(False, description="Served from the verdict cache: no model call was made.")
+    completion_tokens: int | None = Field(None, ge=0, description="Tokens the model generated, when known.")
 
 
 class Latency(_Wire):
@@ -158,6 +176,7 @@ class ReviewReason(str, enum.Enum):
     EDGE_CASE = "edge_case"  # the model stayed unsure at the highest effort
     REASONER_FAILED = "reasoner_failed"  # the model was down or its output unusable after retries
     POLICY_ESCALATE = "policy_escalate"  # a high-risk policy says humans decide
+    APPEAL = "appeal"  # a decided item was appealed (created by the review service, never on the review topic)
 
 
 class ReviewTask(_Wire):
@@ -198,3 +217,60 @@ WIRE_MODELS: dict[str, type[_Wire]] = {
     "ReviewTask": ReviewTask,
     "DeadLetter": DeadLetter,
 }
+
+
+class ReviewAction(str, enum.Enum):
+    """What a person did to a review task (the audit log records every one)."""
+
+    DECIDE = "decide"  # allow or remove: a final verdict was published
+    ESCALATE = "escalate"  # handed to the admin queue
+    APPEAL = "appeal"  # a decided item was re-queued for a second look
+
+
+class ReviewDecision(_Wire):
+    """One entry of the reviewers' audit log, on ``moderation.decisions`` (key: ``content_id``).
+
+    Carries who did what and why, never the content text. ``decision_id`` is the idempotency key: a republished
+    entry has the same id.
+    """
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    decision_id: str = Field(..., description="Stable id of this audit entry.")
+    content_id: str = Field(..., pattern=CONTENT_ID_PATTERN)
+    task_id: str = Field(..., description="The review task acted on.")
+    action: ReviewAction
+    actor_id: str = Field(..., description="The reviewer, admin or platform that acted.")
+    actor_role: str = Field(..., description="reviewer, admin or platform.")
+    decision: Decision | None = Field(None, description="allow or block, for action=decide.")
+    policy_id: str | None = Field(None, description="Policy the decision was made under.")
+    rule_id: str | None = Field(None, description="Rule of that policy the reviewer cited.")
+    note: str = Field("", max_length=2000, description="The actor's note (reviewers must not paste content here).")
+    verdict_id: str | None = Field(None, description="The final verdict this decision published.")
+    supersedes: str | None = Field(None, description="The verdict an appeal outcome replaces.")
+    appeal_round: int = Field(0, ge=0, description="0 for a first review, n for the n-th appeal.")
+    model_violation: bool | None = Field(
+        None, description="What the machine said before this decision (any policy violated), if it said anything."
+    )
+    model_source: str | None = Field(
+        None, description="Which verdict model_violation comes from: reasoner (its answers) or, for an appeal, the "
+        "stage of the superseded verdict (triage, reasoner, review)."
+    )
+    model_answers: dict[str, bool] = Field(
+        default_factory=dict, description="The reasoning model's last usable answer per policy (policy id -> violation)."
+    )
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class AppealRequest(_Wire):
+    """Body of ``POST /v1/appeals``: ask people to look again at a decided item."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+    content_id: str = Field(..., pattern=CONTENT_ID_PATTERN)
+    reason: str = Field("", max_length=2000, description="Why the author or platform appeals.")
+    item: ContentItem | None = Field(
+        None, description="The item itself; required when the pipeline decided it without review (no stored copy)."
+    )
+
+
+WIRE_MODELS["ReviewDecision"] = ReviewDecision
+WIRE_MODELS["AppealRequest"] = AppealRequest

@@ -111,3 +111,14 @@ def test_escalate_to_humans_policy_sends_violation_to_review() -> None:
 def test_reasoning_needs_calls() -> None:
     with pytest.raises(ValueError):
         route_reasoning([], min_confidence=0.6, can_raise_effort=True)
+
+
+def test_route_requested_policy_without_triage_category_escalates_instead_of_allowing() -> None:
+    decision = route_triage(scores(0.01, H=0.01), THRESHOLDS, ["hate", "fraud_spam"])
+    assert decision.route is TriageRoute.ESCALATE
+    assert decision.policy_ids == ("fraud_spam",)
+
+
+def test_route_uncovered_policy_does_not_stop_a_confident_block() -> None:
+    decision = route_triage(scores(0.95, V=0.9), THRESHOLDS, ["violence", "fraud_spam"])
+    assert decision.route is TriageRoute.BLOCK
