@@ -39,8 +39,13 @@ class RunContext:
 
 
 @asynccontextmanager
-async def pipeline_running(state_dir: Path, console: Console, run_prefix: str) -> AsyncIterator[RunContext]:
-    """Stack up (reused if already running), workers up and ready, an observer on the output topics."""
+async def pipeline_running(
+    state_dir: Path, console: Console, run_prefix: str, redis_key_prefix: str | None = None
+) -> AsyncIterator[RunContext]:
+    """Stack up (reused if already running), workers up and ready, an observer on the output topics.
+
+    ``redis_key_prefix`` gives the workers a private keyspace (cold caches), for benchmarks.
+    """
     started_stack = False
     info = local_stack.stack_status(state_dir)
     if info is None:
@@ -52,7 +57,10 @@ async def pipeline_running(state_dir: Path, console: Console, run_prefix: str) -
                       f"redis {info.redis_url}, triton {info.triton_grpc}")
     settings = load_settings()
     await ensure_topics(settings.kafka)
-    workers = Workers(settings, {**info.env(), "MODPIPE_STATE_DIR": str(state_dir)}, state_dir / "logs")
+    worker_env = {**info.env(), "MODPIPE_STATE_DIR": str(state_dir)}
+    if redis_key_prefix is not None:
+        worker_env["MODPIPE_REDIS__KEY_PREFIX"] = redis_key_prefix
+    workers = Workers(settings, worker_env, state_dir / "logs")
     publisher = Publisher(settings.kafka)
     observer = JourneyObserver(settings, f"{run_prefix}-{uuid.uuid4().hex[:8]}")
     try:

@@ -274,6 +274,8 @@ class TriageHandler:
             log.info("triage: %s %s escalated (%s)", record.where, cid, decision.reason.value)
             return
         blocked = decision.route is TriageRoute.BLOCK
+        thresholds = self.model.thresholds
+        comparison = f">= {thresholds.block_above:.3f}" if blocked else f"< {thresholds.allow_below:.3f}"
         final = Verdict(
             verdict_id=uuid.uuid4().hex,
             content_id=cid,
@@ -282,10 +284,7 @@ class TriageHandler:
             stage=Stage.TRIAGE,
             triage=scores,
             policies=policies if blocked else [],
-            rationale=(
-                f"triage classifier: violation probability {scores.violation:.3f} "
-                f"{'>=' if blocked else '<'} {self.model.thresholds.block_above if blocked else self.model.thresholds.allow_below:.3f}"
-            ),
+            rationale=f"triage classifier: violation probability {scores.violation:.3f} {comparison}",
             latency=latency,
         )
         await self.effects.verdict(final)
