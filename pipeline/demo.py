@@ -130,7 +130,9 @@ async def run_demo(items: int, json_out: Path | None, rate_per_s: float, timeout
 
 async def run_chaos(items: int, malformed: int, kill_worker: bool, kill_role: Role, json_out: Path | None,
                     rate_per_s: float, timeout_s: float, state_dir: Path, console: Console) -> dict:
-    async with pipeline_running(state_dir, console, "chaos") as ctx:
+    # A private Redis keyspace: cold caches, so the kill lands while real work is in flight.
+    keyspace = f"modpipe-chaos-{uuid.uuid4().hex[:8]}:"
+    async with pipeline_running(state_dir, console, "chaos", redis_key_prefix=keyspace) as ctx:
         batch = sample_items(items, ctx.run_id, seed=1)
         bad = list(malformed_messages(malformed, ctx.run_id, ctx.settings.triage.max_text_chars))
         topic = ctx.settings.kafka.topic(ctx.settings.kafka.incoming_topic)

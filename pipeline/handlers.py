@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -153,7 +154,10 @@ class Effects:
         )
         log.warning("%s: dead letter from %s (content_id=%s): %s", stage, record.where, letter.content_id, letter.error)
         metrics.dead_letters_total.labels(stage, letter.error_type).inc()
-        effect_id = f"{record.topic}:{record.partition}:{record.offset}"
+        # Offsets identify a message only within one incarnation of a topic (a recreated topic, or a restarted
+        # in-memory broker, reuses them); the digest of the bytes keeps a new message at an old offset distinct.
+        digest = hashlib.sha256(record.value or b"").hexdigest()[:16]
+        effect_id = f"{record.topic}:{record.partition}:{record.offset}:{digest}"
         try:
             await self.emit(EffectKind.DEAD_LETTER, effect_id, letter.content_id, letter.to_bytes())
         except RetryableError:
