@@ -15,8 +15,10 @@ import enum
 import functools
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import faust
 
@@ -110,18 +112,35 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     async def _assigned(sender: faust.App, assigned: set, **_: object) -> None:
         mark_ready_if_assigned()
 
+    async def consume(
+        stream: faust.StreamT,
+        build_handler: Callable[[], Awaitable[Any]],
+        batch_size: int,
+        within_s: float,
+        handle: Callable[[Any, list[Record]], Awaitable[Any]],
+    ) -> None:
+        """The one agent loop every role shares: build the handler, report ready, handle batches, never raise."""
+        handler = await build_handler()
+        handler_ready.set()
+        mark_ready_if_assigned()
+        async for events in stream.take_events(batch_size, within=within_s):
+            try:
+                await handle(handler, [record_from_event(e) for e in events])
+            except Exception as exc:  # noqa: BLE001 - see _die
+                _die(role, exc)
+
     if role is Role.TRIAGE:
 
         @app.agent(topic(kafka.incoming_topic))
         async def triage_agent(stream: faust.StreamT) -> None:
-            handler = await _triage_handler()
-            handler_ready.set()
-            mark_ready_if_assigned()
-            async for events in stream.take_events(settings.triage.batch_size, within=settings.triage.batch_within_s):
-                try:
-                    await handler.handle_batch([record_from_event(e) for e in events])
-                except Exception as exc:  # noqa: BLE001 - see _die
-                    _die(role, exc)
+            # Batches are embedded together in the executor (stream.take_events).
+            await consume(
+                stream,
+                _triage_handler,
+                settings.triage.batch_size,
+                settings.triage.batch_within_s,
+                lambda handler, records: handler.handle_batch(records),
+            )
 
         async def _triage_handler():  # type: ignore[no-untyped-def]
             if "triage" not in state:
@@ -152,15 +171,14 @@ def create_app(settings: Settings, role: Role) -> faust.App:
 
         @app.agent(topic(kafka.escalations_topic))
         async def reasoning_agent(stream: faust.StreamT) -> None:
-            handler = await _reasoning_handler()
-            handler_ready.set()
-            mark_ready_if_assigned()
             # Many generate calls in flight: a batch is judged concurrently, then acknowledged together.
-            async for events in stream.take_events(settings.triton.max_in_flight, within=0.05):
-                try:
-                    await asyncio.gather(*(handler.handle(record_from_event(e)) for e in events))
-                except Exception as exc:  # noqa: BLE001 - see _die
-                    _die(role, exc)
+            await consume(
+                stream,
+                _reasoning_handler,
+                settings.triton.max_in_flight,
+                0.05,
+                lambda handler, records: asyncio.gather(*(handler.handle(r) for r in records)),
+            )
 
         async def _reasoning_handler():  # type: ignore[no-untyped-def]
             if "reasoning" not in state:
@@ -181,15 +199,11 @@ def create_app(settings: Settings, role: Role) -> faust.App:
 
         @app.agent(topic(kafka.review_topic))
         async def review_intake_agent(stream: faust.StreamT) -> None:
-            handler = await _review_handler()
-            handler_ready.set()
-            mark_ready_if_assigned()
-            async for events in stream.take_events(64, within=0.05):
-                try:
-                    for event in events:
-                        await handler.handle(record_from_event(event))
-                except Exception as exc:  # noqa: BLE001 - see _die
-                    _die(role, exc)
+            async def handle_in_order(handler: Any, records: list[Record]) -> None:
+                for record in records:
+                    await handler.handle(record)
+
+            await consume(stream, _review_handler, 64, 0.05, handle_in_order)
 
         async def _review_handler():  # type: ignore[no-untyped-def]
             if "review" not in state:
