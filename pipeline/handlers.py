@@ -368,23 +368,23 @@ class ReviewIntakeHandler:
     stage = "review_intake"
 
     def __init__(self, store: Store, effects: Effects) -> None:
+        from pipeline.review_queue import ReviewQueue, default_severities
+
         self.store = store
         self.effects = effects
+        self.queue = ReviewQueue(store, default_severities(effects.settings.reasoner.policies_dir))
 
     async def handle(self, record: Record) -> None:
         await guarded(self.effects, record, self.stage, lambda: self._handle(record))
 
     async def _handle(self, record: Record) -> None:
-        from pipeline.review_queue import ReviewQueue, default_severities
-
         task = decode_model(record.value, ReviewTask)
-        queue = ReviewQueue(self.store, default_severities(self.effects.settings.reasoner.policies_dir))
 
         async def enqueue() -> bool:
             # An item decided meanwhile (or a replayed task) must not come back to the reviewers.
             if (await self.store.recorded(EffectKind.FINAL, task.item.content_id)) is not None:
                 return False
-            return await queue.enqueue(task)
+            return await self.queue.enqueue(task)
 
         added = await with_retries(enqueue, stage=self.stage, attempts=STORE_ATTEMPTS)
         log.info("review intake: %s %s %s", record.where, task.item.content_id, "queued" if added else "already known")
