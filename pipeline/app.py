@@ -24,6 +24,7 @@ import faust
 
 from pipeline import metrics
 from pipeline.config import Settings
+from pipeline.faust_transport import App as FaustApp
 from pipeline.kafka_io import Publisher, Record, ensure_topics
 from pipeline.store import Store
 
@@ -63,8 +64,9 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     # Faust wants a data directory even with in-memory tables (we keep no state in Faust: Redis holds it).
     datadir = settings.state_dir / "faust" / role.value
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = FaustApp(
         f"{kafka.topic_prefix}modpipe-{role.value}",
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         broker=[f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
         broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=kafka.heartbeat_interval_s,

@@ -49,6 +49,13 @@ class KafkaSettings(_Section):
     heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer-group heartbeat interval.")
     commit_interval_s: float = Field(1.0, gt=0, description="How often workers commit processed offsets.")
     request_timeout_s: float = Field(30.0, gt=0, description="Broker request timeout.")
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=30_000,
+        description="Longest a worker's fetch waits at the broker. It bounds verdict latency: a partition the "
+        "worker just drained is fetched again only after the fetch in flight returns (Faust's own value is 1500).",
+    )
 
     def topic(self, name: str) -> str:
         """The full topic name for one of the ``*_topic`` fields' values."""
