@@ -157,6 +157,7 @@ def chaos(
     malformed: int = typer.Option(10, help="Malformed messages to publish."),
     kill_worker: bool = typer.Option(False, "--kill-worker", help="kill -9 a worker mid-stream and restart it."),
     role: str = typer.Option("triage", help="Which worker role to kill."),
+    workers: int = typer.Option(1, min=1, help="Workers of that role (2+: the kill and restart each rebalance)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out"),
     rate: float = typer.Option(50.0, help="Items per second."),
     timeout: float = typer.Option(600.0),
@@ -170,7 +171,8 @@ def chaos(
     _setup_logging("WARNING")
     try:
         report = asyncio.run(
-            run_chaos(items, malformed, kill_worker, Role(role), json_out, rate, timeout, settings.state_dir, console)
+            run_chaos(items, malformed, kill_worker, Role(role), json_out, rate, timeout, settings.state_dir, console,
+                      workers_of_role=workers)
         )
     except StackError as exc:
         _fail(str(exc))

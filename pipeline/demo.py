@@ -40,11 +40,16 @@ class RunContext:
 
 @asynccontextmanager
 async def pipeline_running(
-    state_dir: Path, console: Console, run_prefix: str, redis_key_prefix: str | None = None
+    state_dir: Path,
+    console: Console,
+    run_prefix: str,
+    redis_key_prefix: str | None = None,
+    extra_workers: dict[Role, int] | None = None,
 ) -> AsyncIterator[RunContext]:
     """Stack up (reused if already running), workers up and ready, an observer on the output topics.
 
-    ``redis_key_prefix`` gives the workers a private keyspace (cold caches), for benchmarks.
+    ``redis_key_prefix`` gives the workers a private keyspace (cold caches), for benchmarks. ``extra_workers``
+    starts more than one worker for a role (they share its consumer group and split its partitions).
     """
     started_stack = False
     info = local_stack.stack_status(state_dir)
@@ -67,6 +72,9 @@ async def pipeline_running(
         console.print("[bold]starting workers[/]: " + ", ".join(r.value for r in Role))
         t0 = time.monotonic()
         workers.start_all()
+        for role, count in (extra_workers or {}).items():
+            for _ in range(count):
+                workers.start(role)
         await asyncio.get_running_loop().run_in_executor(None, workers.wait_ready)
         console.print(f"  workers ready in {time.monotonic() - t0:.1f}s (logs in {state_dir / 'logs'})")
         await publisher.start()
@@ -129,10 +137,14 @@ async def run_demo(items: int, json_out: Path | None, rate_per_s: float, timeout
 
 
 async def run_chaos(items: int, malformed: int, kill_worker: bool, kill_role: Role, json_out: Path | None,
-                    rate_per_s: float, timeout_s: float, state_dir: Path, console: Console) -> dict:
+                    rate_per_s: float, timeout_s: float, state_dir: Path, console: Console,
+                    workers_of_role: int = 1) -> dict:
+    """``workers_of_role`` > 1 runs that many workers of ``kill_role`` in one group, so the kill and the restart
+    each force a rebalance while messages are in flight."""
     # A private Redis keyspace: cold caches, so the kill lands while real work is in flight.
     keyspace = f"modpipe-chaos-{uuid.uuid4().hex[:8]}:"
-    async with pipeline_running(state_dir, console, "chaos", redis_key_prefix=keyspace) as ctx:
+    extra = {kill_role: workers_of_role - 1} if workers_of_role > 1 else None
+    async with pipeline_running(state_dir, console, "chaos", redis_key_prefix=keyspace, extra_workers=extra) as ctx:
         batch = sample_items(items, ctx.run_id, seed=1)
         bad = list(malformed_messages(malformed, ctx.run_id, ctx.settings.triage.max_text_chars))
         topic = ctx.settings.kafka.topic(ctx.settings.kafka.incoming_topic)
@@ -158,6 +170,7 @@ async def run_chaos(items: int, malformed: int, kill_worker: bool, kill_role: Ro
             settled=settled,
             malformed_published=malformed,
             killed_role=kill_role.value if kill_worker else None,
+            workers_of_killed_role=workers_of_role,
             killed_at_s=killed_at,
             dead_letters_without_reason=sum(1 for d in ctx.observer.dead_letters.values() if not d.error.strip()),
             dead_letter_copies=ctx.observer.dead_letter_copies,

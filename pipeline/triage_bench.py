@@ -96,8 +96,8 @@ async def pipeline_throughput(items: int, state_dir: Path, console: Console) -> 
                 raise TimeoutError("triage did not finish the burst within 900 s")
             await asyncio.sleep(0.05)
         per_s = items / (time.monotonic() - started)
-        proc = ctx.workers.procs.get(Role.TRIAGE)
-        rss = _peak_rss_mb(proc.pid) if proc is not None else None
+        procs = ctx.workers.procs.get(Role.TRIAGE)
+        rss = _peak_rss_mb(procs[0].pid) if procs else None
         return {"pipeline_per_s": per_s, "triage_worker_peak_rss_mb": rss, "pipeline_items": items,
                 "pipeline_embedder": ctx.settings.triage.embedder, "pipeline_batch_size": ctx.settings.triage.batch_size}
 

@@ -82,7 +82,7 @@ def test_every_item_journey_ends_correctly(isolated_env) -> None:  # type: ignor
             assert state.state is Visibility.HIDDEN_PENDING
 
 
-def test_chaos_kill_worker_loses_nothing(isolated_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_chaos_kill_worker_and_rebalances_lose_nothing(isolated_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     report = asyncio.run(
         run_chaos(
             items=200,
@@ -94,9 +94,10 @@ def test_chaos_kill_worker_loses_nothing(isolated_env, tmp_path: Path) -> None: 
             timeout_s=600,
             state_dir=isolated_env.state_dir,
             console=Console(quiet=True),
+            workers_of_role=2,
         )
     )
-    assert report["killed_role"] == "triage"
+    assert report["killed_role"] == "triage" and report["workers_of_killed_role"] == 2
     assert report["lost"] == 0, report["lost_ids"]
     assert report["duplicate_final_verdicts"] == 0
     assert report["dead_letters"] == 10
