@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.bench_docs import markers, replace_section
-from pipeline.demo import _publish_items, pipeline_running
+from pipeline.demo import publish_items, pipeline_running
 from pipeline.harness import percentile, write_json
 from pipeline.schemas import VerdictStatus
 from pipeline.traffic import sample_items, sample_texts
@@ -55,16 +55,10 @@ async def run_spine_bench(throughput_items: int, steady_rate: float, steady_seco
         console.print(f"[bold]triage end to end[/]: {throughput_items} items published as fast as possible")
         burst = sample_items(throughput_items, f"{ctx.run_id}-burst", seed=7)
         t0 = time.monotonic()
-        await _publish_items(ctx, burst, 0)
+        await publish_items(ctx, burst, 0)
         burst_ids = [i.content_id for i in burst]
-
-        def triaged(cid: str) -> bool:
-            return any(v.stage.value == "triage" for v in ctx.observer.journeys[cid].verdicts)
-
-        while not all(triaged(c) for c in burst_ids):
-            if time.monotonic() - t0 > 900:
-                raise TimeoutError("triage did not finish the burst within 900 s")
-            await asyncio.sleep(0.05)
+        if not await ctx.observer.wait_triaged(burst_ids, 900):
+            raise TimeoutError("triage did not finish the burst within 900 s")
         pipeline_per_s = throughput_items / (time.monotonic() - t0)
         console.print(f"  {pipeline_per_s:.1f} items/s")
         # Let the reasoner drain the burst's escalations, so the steady phase measures steady state, not backlog.
@@ -74,7 +68,7 @@ async def run_spine_bench(throughput_items: int, steady_rate: float, steady_seco
         steady_n = int(steady_rate * steady_seconds)
         console.print(f"[bold]steady load[/]: {steady_n} items at {steady_rate:g}/s")
         steady = sample_items(steady_n, f"{ctx.run_id}-steady", seed=8)
-        await _publish_items(ctx, steady, steady_rate)
+        await publish_items(ctx, steady, steady_rate)
         steady_ids = [i.content_id for i in steady]
         await ctx.observer.wait_settled(steady_ids, 0, 600)
         triage_ms, final_ms, triage_final_ms, reasoner_final_ms = [], [], [], []

@@ -89,7 +89,8 @@ async def pipeline_running(
             console.print("stopped the local stack")
 
 
-async def _publish_items(ctx: RunContext, items: list, rate_per_s: float) -> None:
+async def publish_items(ctx: RunContext, items: list, rate_per_s: float) -> None:
+    """Publish items to content.incoming, paced at ``rate_per_s`` (0: as fast as the broker acknowledges)."""
     topic = ctx.settings.kafka.topic(ctx.settings.kafka.incoming_topic)
     interval = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
     start = time.monotonic()
@@ -126,7 +127,7 @@ async def run_demo(items: int, json_out: Path | None, rate_per_s: float, timeout
         batch = sample_items(items, ctx.run_id)
         console.print(f"[bold]publishing {items} items[/] from the OpenAI moderation sample at {rate_per_s:g}/s")
         t0 = time.monotonic()
-        await _publish_items(ctx, batch, rate_per_s)
+        await publish_items(ctx, batch, rate_per_s)
         ids = [i.content_id for i in batch]
         settled = await ctx.observer.wait_settled(ids, 0, timeout_s)
         report = summarise(ctx.observer, ids, len(batch))
@@ -150,7 +151,7 @@ async def run_chaos(items: int, malformed: int, kill_worker: bool, kill_role: Ro
         topic = ctx.settings.kafka.topic(ctx.settings.kafka.incoming_topic)
         ids = [i.content_id for i in batch]
         t0 = time.monotonic()
-        publishing = asyncio.create_task(_publish_items(ctx, batch, rate_per_s))
+        publishing = asyncio.create_task(publish_items(ctx, batch, rate_per_s))
         for _, key, value in bad:
             await ctx.publisher.send(topic, key, value)
         killed_at = None

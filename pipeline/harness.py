@@ -197,6 +197,15 @@ class JourneyObserver:
     def _raw_mentions_run(self, letter: DeadLetter) -> bool:
         return self.run_id.encode() in base64.b64decode(letter.raw_base64)
 
+    async def wait_triaged(self, content_ids: list[str], timeout_s: float) -> bool:
+        """Wait until every id has a verdict from the triage stage (final or provisional)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(any(v.stage.value == "triage" for v in self.journeys[c].verdicts) for c in content_ids):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def wait_settled(self, content_ids: list[str], dead_letters: int, timeout_s: float) -> bool:
         """Wait until every id has a final verdict or a review task and the expected dead letters arrived."""
         deadline = time.monotonic() + timeout_s

@@ -79,22 +79,16 @@ def accuracy_comparison(baseline: EmbedderProtocol, fast: EmbedderProtocol, prog
 async def pipeline_throughput(items: int, state_dir: Path, console: Console) -> dict[str, Any]:
     """Items/s through the triage stage (Kafka in, triage verdict out) and the triage worker's peak RSS."""
     from pipeline.app import Role
-    from pipeline.demo import _publish_items, pipeline_running
+    from pipeline.demo import publish_items, pipeline_running
     from pipeline.traffic import sample_items
 
     async with pipeline_running(state_dir, console, "bench-triage") as ctx:
         burst = sample_items(items, f"{ctx.run_id}-triage", seed=11)
         started = time.monotonic()
-        await _publish_items(ctx, burst, 0)
+        await publish_items(ctx, burst, 0)
         ids = [i.content_id for i in burst]
-
-        def triaged(cid: str) -> bool:
-            return any(v.stage.value == "triage" for v in ctx.observer.journeys[cid].verdicts)
-
-        while not all(triaged(c) for c in ids):
-            if time.monotonic() - started > 900:
-                raise TimeoutError("triage did not finish the burst within 900 s")
-            await asyncio.sleep(0.05)
+        if not await ctx.observer.wait_triaged(ids, 900):
+            raise TimeoutError("triage did not finish the burst within 900 s")
         per_s = items / (time.monotonic() - started)
         procs = ctx.workers.procs.get(Role.TRIAGE)
         rss = _peak_rss_mb(procs[0].pid) if procs else None

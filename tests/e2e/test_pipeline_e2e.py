@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pipeline.app import Role
 from pipeline.config import load_settings
-from pipeline.demo import _publish_items, pipeline_running, run_chaos
+from pipeline.demo import publish_items, pipeline_running, run_chaos
 from pipeline.harness import summarise
 from pipeline.schemas import Decision, VerdictStatus
 from pipeline.store import Store, Visibility
@@ -42,7 +42,7 @@ def test_every_item_journey_ends_correctly(isolated_env) -> None:  # type: ignor
             topic = ctx.settings.kafka.topic(ctx.settings.kafka.incoming_topic)
             for _, key, value in malformed_messages(malformed, ctx.run_id, ctx.settings.triage.max_text_chars):
                 await ctx.publisher.send(topic, key, value)
-            await _publish_items(ctx, batch, 0)
+            await publish_items(ctx, batch, 0)
             ids = [i.content_id for i in batch]
             assert await ctx.observer.wait_settled(ids, malformed, 600), "not every item settled in 600 s"
             report = summarise(ctx.observer, ids, len(batch))
