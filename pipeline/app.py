@@ -25,10 +25,12 @@ import faust
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.faust_transport import App as FaustApp
-from pipeline.kafka_io import Publisher, Record, ensure_topics
-from pipeline.store import Store
+from pipeline.broker import Publisher, ensure_topics
+from pipeline.codec import Record
+from pipeline.effects import Effects
+from pipeline.store import RedisStore
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 EXIT_UNRECOVERABLE = 70  # EX_SOFTWARE: a supervisor restarts the worker, the broker redelivers
 
@@ -53,7 +55,7 @@ def record_from_event(event: faust.EventT) -> Record:
 
 def _die(role: Role, exc: BaseException) -> None:
     """Exit without acknowledging: losing a message is worse than a restart."""
-    log.critical("%s worker: cannot publish even a dead letter (%s); exiting for redelivery", role.value, exc)
+    logger.critical("%s worker: cannot publish even a dead letter (%s); exiting for redelivery", role.value, exc)
     logging.shutdown()
     os._exit(EXIT_UNRECOVERABLE)
 
@@ -90,17 +92,15 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     def topic(name: str) -> faust.TopicT:
         return app.topic(kafka.topic(name), value_serializer="raw", key_serializer="raw", partitions=kafka.partitions)
 
-    async def open_common() -> tuple[Store, Publisher]:
+    async def open_common() -> tuple[RedisStore, Publisher]:
         await ensure_topics(kafka)
-        store = Store(settings.redis)
+        store = RedisStore(settings.redis)
         await store.ping()
         publisher = Publisher(kafka)
         await publisher.start()
         state["store"], state["publisher"] = store, publisher
         metrics.serve(settings.worker.metrics_port)
         return store, publisher
-
-    from pipeline.handlers import Effects  # local import keeps `modpipe --help` fast
 
     handler_ready = asyncio.Event()
     ready_file = worker_ready_file(settings, role, os.getpid())
@@ -164,9 +164,10 @@ def create_app(settings: Settings, role: Role) -> faust.App:
                 )
                 # Load the embedder now, not on the first message: readiness must mean "can score at full speed".
                 await loop.run_in_executor(executor, model.warm_up)
-                library = PolicyLibrary.load(settings.reasoner.policies_dir)
-                state["triage"] = TriageHandler(settings, model, library, Effects(settings, store, publisher), executor)
-                log.info("triage worker ready: model %s", model.version)
+                library = PolicyLibrary.from_settings(settings.reasoner)
+                state["triage"] = TriageHandler(model, library, Effects(kafka, store, publisher),
+                                                max_text_chars=settings.triage.max_text_chars, executor=executor)
+                logger.info("triage worker ready: model %s", model.version)
             return state["triage"]
 
     elif role is Role.REASONING:
@@ -189,12 +190,19 @@ def create_app(settings: Settings, role: Role) -> faust.App:
                 from pipeline.reasoner import build_reasoner
 
                 store, publisher = await open_common()
-                library = PolicyLibrary.load(settings.reasoner.policies_dir)
+                library = PolicyLibrary.from_settings(settings.reasoner)
                 reasoner = build_reasoner(settings, library)
                 await reasoner.start()
                 state["reasoner"] = reasoner
-                state["reasoning"] = ReasoningHandler(settings, reasoner, library, Effects(settings, store, publisher))
-                log.info("reasoning worker ready: model %s", settings.triton.reasoner_model)
+                state["reasoning"] = ReasoningHandler(reasoner, library, Effects(kafka, store, publisher))
+                if settings.reasoner.backend == "triton":
+                    from pipeline.reasoner.backends.triton import http_ready
+
+                    # Not a gate: an unready model fails closed to review until it comes up.
+                    if not await http_ready(settings.triton):
+                        logger.warning("triton at %s does not report %s ready yet; its items go to review until "
+                                       "it does", settings.triton.http_url, settings.triton.reasoner_model)
+                logger.info("reasoning worker ready: model %s", reasoner.model)
             return state["reasoning"]
 
     elif role is Role.REVIEW_INTAKE:
@@ -210,9 +218,13 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         async def _review_handler():  # type: ignore[no-untyped-def]
             if "review" not in state:
                 from pipeline.handlers import ReviewIntakeHandler
+                from pipeline.policies import PolicyLibrary
+                from pipeline.review.queue import ReviewQueue, severities_from
 
                 store, publisher = await open_common()
-                state["review"] = ReviewIntakeHandler(store, Effects(settings, store, publisher))
+                library = PolicyLibrary.from_settings(settings.reasoner, strict=False)
+                queue = ReviewQueue(store, severities_from(library))
+                state["review"] = ReviewIntakeHandler(store, queue, Effects(kafka, store, publisher))
             return state["review"]
 
     @app.on_before_shutdown.connect

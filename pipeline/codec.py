@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,23 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _CONTENT_ID_RE = re.compile(CONTENT_ID_PATTERN)
 # A hard ceiling on the raw message before we even parse it: JSON escaping can at most ~6x a text's length.
 _RAW_BYTES_PER_CHAR = 6
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed message, independent of the consumer library, so the handlers test without Kafka."""
+
+    topic: str
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+
+    @property
+    def where(self) -> str:
+        """``topic[partition]@offset``: how every log line names a message."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
 def describe_validation_error(exc: ValidationError) -> str:

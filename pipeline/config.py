@@ -87,7 +87,10 @@ class RedisSettings(_Section):
 
 class TritonSettings(_Section):
     grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port) used for generate calls.")
-    http_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint (host:port) used for health checks.")
+    http_url: str = Field(
+        "127.0.0.1:8000",
+        description="Triton HTTP endpoint (host:port) for health checks (the reasoning worker checks its model).",
+    )
     reasoner_model: str = Field(
         "safeguard_standin_cpu",
         description="Triton model that reasons over policies: gpt-oss-safeguard-20b/-120b in production, "

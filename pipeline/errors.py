@@ -9,6 +9,7 @@
         ├── SchemaError           -- a message that does not decode or validate
         ├── ContentTooLarge       -- text over the configured size limit
         ├── PolicyError           -- a policy folder that does not load or lint
+        ├── TriageArtefactError   -- the triage artefact is missing, corrupt or does not fit its embedder
         ├── ModelOutputError      -- reasoner output that cannot be parsed into a verdict
         └── StackError            -- the local stack cannot start (port in use, missing binary, not ready)
 """
@@ -50,6 +51,10 @@ class ContentTooLarge(PermanentError):
 
 class PolicyError(PermanentError):
     """A policy that does not load or does not pass lint."""
+
+
+class TriageArtefactError(PermanentError):
+    """The triage artefact folder is missing, incomplete, corrupt or does not fit the embedder."""
 
 
 class ModelOutputError(PermanentError):

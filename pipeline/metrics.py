@@ -5,7 +5,7 @@ Labels are drawn from small closed sets (stage, outcome, policy id, model, effor
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -48,11 +48,9 @@ def serve(port: int) -> None:
         start_http_server(port, addr="0.0.0.0")
 
 
-# -- operations metrics (issue 6): caches, the review queue, time hidden ------------------------------------------
+# -- caches, the review queue, time hidden -------------------------------------------------------------------------
 # Defined here so every role exports them (with zero samples until used); the code that owns each cache or queue
 # instruments it. The Grafana dashboard (deploy/grafana/dashboards/modpipe.json) and docs/OPERATIONS.md read them.
-
-from prometheus_client import Gauge  # noqa: E402 - appended section, kept self-contained
 
 HIDDEN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
 
@@ -88,7 +86,7 @@ def set_review_queue(depth: int, oldest_enqueued_at: float | None, now: float) -
     review_queue_oldest_age_seconds.set(max(0.0, now - oldest_enqueued_at) if oldest_enqueued_at else 0.0)
 
 
-# -- human review (issue 5): the review service's own metrics; queue depth and time hidden are defined above ----------
+# -- human review: the review service's own metrics (queue depth and time hidden are above) ---------------------
 
 review_actions_total = Counter(
     "modpipe_review_actions_total",
@@ -103,11 +101,9 @@ review_claim_seconds = Histogram(
 )
 
 
-# -- reasoner (issue 4): the circuit breaker's state -------------------------------------------------------------
+# -- reasoner: the circuit breaker's state -----------------------------------------------------------------------
 
-from prometheus_client import Gauge as _Gauge  # noqa: E402 - appended section, kept self-contained
-
-reasoner_circuit_open = _Gauge(
+reasoner_circuit_open = Gauge(
     "modpipe_reasoner_circuit_open",
     "1 while the reasoner's circuit breaker is open (calls fail fast and items go to review), else 0.",
 )

@@ -5,16 +5,18 @@ Two decisions live here:
 * :func:`route_triage` -- after the cheap classifier: allow or block at once when it is confident, otherwise
   escalate (hide provisionally, ask the reasoner). High-risk categories escalate even when the classifier
   would block, because a wrong automatic removal there (a self-harm disclosure, a survivor's account) is costly.
-* :func:`route_reasoning` -- after the reasoning model: a confident answer is final; an unsure one goes to the
-  next effort; unsure at the highest effort, a policy that says "escalate", or a failing model goes to review.
+* :func:`route_reasoning` -- after each round of reasoning calls, from each policy's :class:`Assessment`: an
+  answer that failed a check goes to the next effort; a settled answer is final; unsure at the highest effort, a
+  policy that says "escalate", or a failing model goes to review.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.schemas import EscalationReason, ReasonerCall, ReviewReason, TriageScores
+from pipeline.schemas import TRANSPORT_FAILURES, CallFailure, EscalationReason, ReviewReason, TriageScores
 
 
 class TriageRoute(str, enum.Enum):
@@ -103,37 +105,70 @@ class ReasoningRoute(str, enum.Enum):
     REVIEW = "review"
 
 
+# Why an answer was not accepted (ReasonerCall.escalation_reasons). The UNSETTLING ones keep an answer unsettled
+# at the top effort (review); the other two only ask for a second look at the higher effort.
+INVALID_OUTPUT, LOW_CONFIDENCE, UNKNOWN_RULES, RULES_DISAGREE, FAILED = (
+    "invalid_output", "low_confidence", "unknown_rules", "rules_disagree", "failed",
+)
+CONTRADICTS_TRIAGE, HIGH_RISK_POLICY = "contradicts_triage", "high_risk_policy"
+UNSETTLING = frozenset({INVALID_OUTPUT, LOW_CONFIDENCE, UNKNOWN_RULES, RULES_DISAGREE, FAILED})
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the reasoner concluded about one policy's latest answer (built by :func:`pipeline.reasoner.assess.assess`).
+
+    ``reasons`` say why the answer is not accepted as it stands (empty: accepted). ``failure`` is set when the call
+    itself failed, by kind, so routing never has to read error strings.
+    """
+
+    policy_id: str
+    violation: bool | None
+    reasons: tuple[str, ...] = ()
+    failure: CallFailure | None = None
+    can_raise_effort: bool = False  # the policy's escalated effort is above the effort of this answer
+    escalate_to_humans: bool = False  # the policy says a violation goes to people, not automatic removal
+
+    @property
+    def settled(self) -> bool:
+        """The answer can decide: it failed no check that makes it unusable."""
+        return self.failure is None and not (set(self.reasons) & UNSETTLING)
+
+    @property
+    def wants_second_look(self) -> bool:
+        """Ask again at the higher effort: some check failed, the effort can go up, and the call did not fail in
+        transport (a down server does not come back because we ask harder; its retries are already spent)."""
+        return bool(self.reasons) and self.can_raise_effort and self.failure not in TRANSPORT_FAILURES
+
+
 @dataclass(frozen=True)
 class ReasoningDecision:
     route: ReasoningRoute
     review_reason: ReviewReason | None = None
+    retry_policy_ids: tuple[str, ...] = ()  # for RETRY_HIGHER_EFFORT: the policies to ask again
 
 
-def route_reasoning(
-    calls: list[ReasonerCall],
-    *,
-    min_confidence: float,
-    can_raise_effort: bool,
-    escalate_to_humans: bool = False,
-) -> ReasoningDecision:
-    """Decide after one round of reasoning calls (one call per policy, all at the same effort).
+def route_reasoning(assessments: Sequence[Assessment]) -> ReasoningDecision:
+    """Decide after a round of reasoning calls, from each policy's latest assessment.
 
-    ``calls`` are this round's answers. A confident violation of any policy blocks, even if another policy's
-    call failed: the item is removed either way. Otherwise every policy must be answered confidently "no" to
-    allow. ``escalate_to_humans`` is set for high-risk policies whose metadata says a violation goes to people.
+    Any answer that wants a second look is asked again first (even when another policy already blocks: a policy
+    whose violations go to people would take precedence over that removal). Then a settled violation of any
+    policy blocks, even if another policy's call failed: the item is removed either way; a settled violation of a
+    policy whose metadata says humans decide goes to review instead. Every policy settled "no" allows. What is left
+    goes to review: as a reasoner failure when a call failed, else as an edge case.
     """
-    if not calls:
-        raise ValueError("route_reasoning needs at least one reasoner call")
-    confident = [c for c in calls if c.error is None and c.confidence is not None and c.confidence >= min_confidence]
-    if any(c.violation for c in confident):
-        if escalate_to_humans:
+    if not assessments:
+        raise ValueError("route_reasoning needs at least one assessment")
+    retry = tuple(a.policy_id for a in assessments if a.wants_second_look)
+    if retry:
+        return ReasoningDecision(ReasoningRoute.RETRY_HIGHER_EFFORT, retry_policy_ids=retry)
+    violated = [a for a in assessments if a.settled and a.violation]
+    if violated:
+        if any(a.escalate_to_humans for a in violated):
             return ReasoningDecision(ReasoningRoute.REVIEW, ReviewReason.POLICY_ESCALATE)
         return ReasoningDecision(ReasoningRoute.BLOCK)
-    failed = [c for c in calls if c.error is not None]
-    if len(confident) == len(calls):
+    if all(a.settled for a in assessments):
         return ReasoningDecision(ReasoningRoute.ALLOW)
-    if can_raise_effort:
-        return ReasoningDecision(ReasoningRoute.RETRY_HIGHER_EFFORT)
-    if failed:
+    if any(a.failure is not None for a in assessments):
         return ReasoningDecision(ReasoningRoute.REVIEW, ReviewReason.REASONER_FAILED)
     return ReasoningDecision(ReasoningRoute.REVIEW, ReviewReason.EDGE_CASE)

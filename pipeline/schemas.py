@@ -8,8 +8,9 @@ timezone-aware. Content text is untrusted: nothing here logs it.
 from __future__ import annotations
 
 import enum
+import uuid
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -49,9 +50,27 @@ class VerdictStatus(str, enum.Enum):
 
 
 class Effort(str, enum.Enum):
+    """Reasoning effort, as gpt-oss-safeguard's system message names it (``Reasoning: low``)."""
+
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        """0 (low) to 2 (high): efforts compare by rank, never by name."""
+        return ("low", "medium", "high").index(self.value)
+
+
+class CallFailure(str, enum.Enum):
+    """Why a reasoning call gave no usable answer."""
+
+    UNAVAILABLE = "unavailable"  # the model server could not be reached or had no such model (after retries)
+    TIMEOUT = "timeout"  # no answer within the deadline (after retries)
+    INVALID_OUTPUT = "invalid_output"  # the server answered, but not with a readable verdict
+
+
+TRANSPORT_FAILURES = frozenset({CallFailure.UNAVAILABLE, CallFailure.TIMEOUT})
 
 
 class ContentItem(_Wire):
@@ -102,6 +121,7 @@ class ReasonerCall(_Wire):
     )
     rationale: str = Field("", description="The model's short rationale (final channel).")
     error: str | None = Field(None, description="Why the call failed or its output was unusable.")
+    failure: CallFailure | None = Field(None, description="The kind of failure, when ``error`` is set.")
     latency_ms: float = Field(..., ge=0)
     policy_category: str | None = Field(
         None, description="The deciding rule id the model named (checked against the policy like rule_ids)."
@@ -153,6 +173,18 @@ class Verdict(_Wire):
     supersedes: str | None = Field(None, description="verdict_id this one replaces (appeals), if any.")
     latency: Latency = Field(default_factory=Latency)
     decided_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def final(cls, content_id: str, decision: Decision, stage: Stage, **evidence: Any) -> Verdict:
+        """A new final verdict (fresh ``verdict_id``); ``evidence`` fills the other fields."""
+        return cls(verdict_id=uuid.uuid4().hex, content_id=content_id, status=VerdictStatus.FINAL,
+                   decision=decision, stage=stage, **evidence)
+
+    @classmethod
+    def provisional(cls, content_id: str, stage: Stage, **evidence: Any) -> Verdict:
+        """A new provisional verdict: the item is hidden until a final one."""
+        return cls(verdict_id=uuid.uuid4().hex, content_id=content_id, status=VerdictStatus.PROVISIONAL,
+                   decision=Decision.HIDE_PENDING, stage=stage, **evidence)
 
 
 class EscalationReason(str, enum.Enum):

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from pipeline.config import PROJECT_ROOT, Settings
 from pipeline.errors import StackError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KAFKA, REDIS, TRITON = "kafka", "redis", "triton"
 STACK_JSON, STACK_ENV = "stack.json", "stack.env"
@@ -306,7 +306,7 @@ def _spawn(name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | 
         except OSError as exc:
             raise StackError(f"{name} could not be started ({argv[0]}): {exc.strerror}") from None
     _children[proc.pid] = proc
-    log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
+    logger.info("started %s (pid %d), log %s", name, proc.pid, log_path)
     return proc
 
 
@@ -345,7 +345,7 @@ def _signal_group(pid: int, sig: int) -> None:
     except ProcessLookupError:
         pass
     except PermissionError:
-        log.warning("not allowed to signal process group %d", pid)
+        logger.warning("not allowed to signal process group %d", pid)
 
 
 def _stop_services(services: list[ServiceInfo]) -> list[str]:
@@ -358,15 +358,15 @@ def _stop_services(services: list[ServiceInfo]) -> list[str]:
         while _is_ours(svc) and time.monotonic() - start < _STOP_GRACE_S[svc.name]:
             time.sleep(0.05)
         if _is_ours(svc):
-            log.warning("%s (pid %s) ignored SIGTERM for %.0f s: SIGKILL", svc.name, svc.pid, _STOP_GRACE_S[svc.name])
+            logger.warning("%s (pid %s) ignored SIGTERM for %.0f s: SIGKILL", svc.name, svc.pid, _STOP_GRACE_S[svc.name])
         # Unconditional: also takes down what is left in the group (python-backend stubs) once the leader is gone.
         _signal_group(svc.pid, signal.SIGKILL)  # type: ignore[arg-type]
         if (child := _children.pop(svc.pid, None)) is not None:  # type: ignore[arg-type]
             try:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %s) not reaped 5 s after SIGKILL", svc.name, svc.pid)
-        log.info("stopped %s (pid %s)", svc.name, svc.pid)
+                logger.warning("%s (pid %s) not reaped 5 s after SIGKILL", svc.name, svc.pid)
+        logger.info("stopped %s (pid %s)", svc.name, svc.pid)
     return [s.name for s in targets]
 
 
@@ -394,7 +394,7 @@ def stack_down(state_dir: Path) -> list[str]:
     try:
         info = stack_status(state_dir)
     except StackError as exc:
-        log.warning("%s", exc)
+        logger.warning("%s", exc)
         info = None
     stopped = _stop_services(list(info.services.values())) if info else []
     if info and info.triton_http:  # a SIGKILLed Triton leaves its python-backend shared memory behind
@@ -449,7 +449,7 @@ def stack_up(state_dir: Path, *, redis_url: str | None = None, triton_repo: Path
                        "--storage-engine", "memory://tansu/"], kafka_addr, lambda: kafka_ready(kafka_addr))
         if reuse_redis or redis_bin is None:
             services[REDIS] = ServiceInfo(REDIS, None, redis_url, None)
-            log.info("reusing Redis at %s", redis_url)
+            logger.info("reusing Redis at %s", redis_url)
         else:
             redis_url = private_url = f"redis://127.0.0.1:{ports['redis']}/0"
             (state_dir / "redis").mkdir(parents=True, exist_ok=True)
@@ -467,7 +467,7 @@ def stack_up(state_dir: Path, *, redis_url: str | None = None, triton_repo: Path
         _write_atomic(state_dir / STACK_JSON, info.to_json())
         for svc, proc, ready in started:  # all start in parallel: the slowest (Triton loading models) bounds it
             _wait_ready(svc.name, proc, svc.log_path, ready, t0 + timeout_s, timeout_s)  # type: ignore[arg-type]
-            log.info("%s ready at %s after %.2f s", svc.name, svc.address, time.monotonic() - t0)
+            logger.info("%s ready at %s after %.2f s", svc.name, svc.address, time.monotonic() - t0)
     except BaseException:  # KeyboardInterrupt too: never leave half a stack running
         _stop_services([svc for svc, _, _ in started])
         (state_dir / STACK_JSON).unlink(missing_ok=True)
@@ -481,13 +481,13 @@ def _existing_stack(state_dir: Path, triton_repo: Path, private_redis: bool, sta
         return None
     alive = service_alive(info)
     if not all(alive.values()) or not (state_dir / STACK_ENV).exists():
-        log.warning("recorded stack in %s is down or never got ready (%s): replacing it", state_dir, alive)
+        logger.warning("recorded stack in %s is down or never got ready (%s): replacing it", state_dir, alive)
         stack_down(state_dir)
         return None
     if (start_triton and info.triton_repo != triton_repo) or (private_redis and info.services[REDIS].pid is None):
         raise StackError(f"a different stack is already running in {state_dir} (triton repo {info.triton_repo}, "
                          f"redis {info.redis_url}); run `modpipe stack down` first")
-    log.info("stack in %s is already running: reusing it", state_dir)
+    logger.info("stack in %s is already running: reusing it", state_dir)
     return info
 
 

@@ -14,11 +14,11 @@ from rich.console import Console
 
 from pipeline.app import Role
 from pipeline.config import load_settings
-from pipeline.demo import publish_items, pipeline_running, run_chaos
-from pipeline.harness import summarise
+from pipeline.harness.demo import publish_items, pipeline_running, run_chaos
+from pipeline.harness.journey import summarise
 from pipeline.schemas import Decision, VerdictStatus
-from pipeline.store import Store, Visibility
-from pipeline.traffic import malformed_messages, sample_items
+from pipeline.store import RedisStore, Visibility
+from pipeline.harness.traffic import malformed_messages, sample_items
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def test_every_item_journey_ends_correctly(isolated_env) -> None:  # type: ignor
             ids = [i.content_id for i in batch]
             assert await ctx.observer.wait_settled(ids, malformed, 600), "not every item settled in 600 s"
             report = summarise(ctx.observer, ids, len(batch))
-            store = Store(load_settings().redis)
+            store = RedisStore(load_settings().redis)
             states = {cid: await store.visibility(cid) for cid in ids}
             await store.close()
             journeys = {cid: ctx.observer.journeys[cid] for cid in ids}

@@ -20,14 +20,14 @@ import pytest
 
 from pipeline.app import Role
 from pipeline.config import KafkaSettings, RedisSettings, Settings
-from pipeline.harness import Workers
-from pipeline.kafka_io import Publisher, ensure_topics
-from pipeline.review_auth import Role as AccessRole
-from pipeline.review_auth import TokenStore
-from pipeline.review_testing import read_topic, sample_task
+from pipeline.harness.workers import Workers
+from pipeline.broker import Publisher, ensure_topics
+from pipeline.review.auth import Role as AccessRole
+from pipeline.review.auth import TokenStore
+from pipeline.harness.review import read_topic, sample_task
 from pipeline.schemas import Decision, Stage, Verdict, VerdictStatus
 from pipeline.stack import free_port
-from pipeline.store import Store
+from pipeline.store import RedisStore
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,7 @@ def test_reviewer_logs_in_claims_and_removes_an_item(kafka_stack, unique_prefix,
 
     async def prepare() -> str:
         await ensure_topics(settings.kafka)
-        store = Store(settings.redis)
+        store = RedisStore(settings.redis)
         publisher = Publisher(settings.kafka)
         await publisher.start()
         try:

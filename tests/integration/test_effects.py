@@ -7,10 +7,11 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.config import KafkaSettings, RedisSettings, Settings
 from pipeline.errors import SchemaError
-from pipeline.handlers import Effects
-from pipeline.kafka_io import Publisher, Record, ensure_topics
+from pipeline.broker import Publisher, ensure_topics
+from pipeline.codec import Record
+from pipeline.effects import Effects
 from pipeline.schemas import DeadLetter
-from pipeline.store import Store
+from pipeline.store import RedisStore
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +45,9 @@ def test_dead_letter_once_per_message_even_when_offsets_are_reused(kafka_stack, 
 
     async def scenario() -> list[DeadLetter]:
         await ensure_topics(settings.kafka)
-        store, publisher = Store(settings.redis), Publisher(settings.kafka)
+        store, publisher = RedisStore(settings.redis), Publisher(settings.kafka)
         await publisher.start()
-        effects = Effects(settings, store, publisher)
+        effects = Effects(settings.kafka, store, publisher)
         first = Record("content.incoming", 0, 7, None, b"{broken", 0)
         redelivered = Record("content.incoming", 0, 7, None, b"{broken", 0)
         # Same topic/partition/offset, other bytes: a recreated topic or a restarted in-memory broker.

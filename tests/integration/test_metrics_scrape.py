@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.app import Role
 from pipeline.config import Settings
 from pipeline.deploy_check import defined_metric_names
-from pipeline.harness import Workers
-from pipeline.kafka_io import Publisher, ensure_topics
+from pipeline.harness.workers import Workers
+from pipeline.broker import Publisher, ensure_topics
 from pipeline.schemas import ContentItem, ReviewReason, ReviewTask, TriageScores
 from pipeline.stack import free_port
 

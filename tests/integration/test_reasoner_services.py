@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline.config import PROJECT_ROOT, RedisSettings, ReasonerSettings, TritonSettings
 from pipeline.policies import PolicyLibrary
-from pipeline.reasoner import SafeguardReasoner
-from pipeline.reasoner_cache import RedisVerdictCache, cache_key
+from pipeline.reasoner.core import SafeguardReasoner
+from pipeline.reasoner.cache import RedisVerdictCache, cache_key
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort
 from pipeline.stack import StackInfo
@@ -53,7 +53,7 @@ def test_repeated_text_is_served_from_redis_with_a_ttl(local_stack: StackInfo, u
 
 
 def test_policy_test_cli_scores_the_golden_set(local_stack: StackInfo, tmp_path: Path) -> None:
-    from pipeline.cli_policy import policy_app
+    from pipeline.cli.policy import policy_app
 
     out = tmp_path / "violence.json"
     result = CliRunner().invoke(policy_app, [
@@ -72,7 +72,7 @@ def test_policy_test_cli_scores_the_golden_set(local_stack: StackInfo, tmp_path:
 
 
 def test_bench_keeps_calls_in_flight_and_serves_duplicates_from_cache(tmp_path: Path) -> None:
-    from pipeline.reasoner_bench import run_reasoner_bench
+    from pipeline.harness.bench.reasoner import run_reasoner_bench
 
     report = asyncio.run(run_reasoner_bench(
         latency_ms=100, concurrency=16, n_items=160, duplicates=0.25, json_out=tmp_path / "b.json",

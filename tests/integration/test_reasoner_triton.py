@@ -16,9 +16,10 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
 from pipeline.errors import ModelOutputError
-from pipeline.harmony import parse_answer, parse_completion, render_prompt
+from pipeline.reasoner.harmony import parse_answer, parse_completion, render_prompt
 from pipeline.policies import PolicyLibrary
-from pipeline.reasoner import TritonGrpcTransport, TritonReasoner
+from pipeline.reasoner.backends.triton import TritonGrpcTransport
+from pipeline.reasoner.core import SafeguardReasoner
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason
 from pipeline.stack import StackInfo, free_port
@@ -66,7 +67,7 @@ def test_standin_answers_harmony_over_stream_infer(triton: StackInfo) -> None:
 
 def test_clear_violation_blocks_and_clear_benign_allows(triton: StackInfo) -> None:
     async def go():  # type: ignore[no-untyped-def]
-        async with TritonReasoner(_settings(triton), ReasonerSettings(), LIB) as reasoner:
+        async with SafeguardReasoner(_settings(triton), ReasonerSettings(), LIB) as reasoner:
             bad = await reasoner.judge(ContentItem(content_id="v1", text=CLEAR_VIOLATION), ["violence"])
             good = await reasoner.judge(ContentItem(content_id="v2", text=CLEAR_BENIGN), ["violence"])
             return bad, good
@@ -85,7 +86,7 @@ def test_many_concurrent_judgements(triton: StackInfo) -> None:
     texts = [g.text for g in LIB.get("hate").golden]
 
     async def go():  # type: ignore[no-untyped-def]
-        async with TritonReasoner(_settings(triton, max_in_flight=16), ReasonerSettings(), LIB) as reasoner:
+        async with SafeguardReasoner(_settings(triton, max_in_flight=16), ReasonerSettings(), LIB) as reasoner:
             items = [ContentItem(content_id=f"h{i}", text=t) for i, t in enumerate(texts)]
             return await asyncio.gather(*(reasoner.judge(i, ["hate", "harassment"]) for i in items))
 
@@ -99,7 +100,7 @@ def test_dead_port_fails_closed_after_bounded_retries() -> None:
                               backoff_max_s=0.1, request_timeout_s=5)
 
     async def go():  # type: ignore[no-untyped-def]
-        async with TritonReasoner(settings, ReasonerSettings(), LIB) as reasoner:
+        async with SafeguardReasoner(settings, ReasonerSettings(), LIB) as reasoner:
             assert not await reasoner.ready()
             return await reasoner.judge(ContentItem(content_id="d1", text="hello"), ["violence"])
 

@@ -14,14 +14,16 @@ import httpx
 import pytest
 
 from pipeline.config import KafkaSettings, RedisSettings, ReviewSettings, Settings
-from pipeline.handlers import Effects, ReviewIntakeHandler
-from pipeline.kafka_io import Record, ensure_topics
-from pipeline.review_auth import Role, token_hash
-from pipeline.review_core import ReviewService
-from pipeline.review_feedback import validate_example
-from pipeline.review_queue import severities_from
-from pipeline.review_service import create_app
-from pipeline.review_testing import read_topic, sample_task, wait_for
+from pipeline.broker import ensure_topics
+from pipeline.codec import Record
+from pipeline.effects import Effects
+from pipeline.handlers import ReviewIntakeHandler
+from pipeline.review.auth import Role, token_hash
+from pipeline.review.service import ReviewService
+from pipeline.review.feedback import validate_example
+from pipeline.review.queue import severities_from
+from pipeline.review.api import create_app
+from pipeline.harness.review import read_topic, sample_task, wait_for
 from pipeline.schemas import Decision, ReviewDecision, Stage, Verdict, VerdictStatus
 from pipeline.store import EffectKind
 
@@ -309,21 +311,21 @@ def test_intake_worker_handler_fills_the_queue_once(settings: Settings) -> None:
     async def scenario() -> None:
         async with running(settings) as env:
             svc = env.service
-            handler = ReviewIntakeHandler(svc.store, Effects(settings, svc.store, svc.publisher))
+            handler = ReviewIntakeHandler(svc.store, svc.queue, Effects(settings.kafka, svc.store, svc.publisher))
             task = sample_task("in-1")
             record = Record(topic="t", partition=0, offset=1, key=b"in-1", value=task.to_bytes(), timestamp_ms=None)
             await handler.handle(record)
             await handler.handle(record)  # redelivery
             counts, _ = await svc.queue.counts()
             assert sum(c.pending for c in counts) == 1
-            assert [t.item.content_id for t in await svc.store.pending_reviews()] == ["in-1"]
+            assert [t.item.content_id for t in await svc.queue.pending()] == ["in-1"]
             # An item with a final verdict already is not queued again.
             done = Verdict(verdict_id="v", content_id="in-2", status=VerdictStatus.FINAL, decision=Decision.ALLOW,
                            stage=Stage.REASONER)
             await svc.effects.verdict(done)
             late = sample_task("in-2")
             await handler.handle(Record("t", 0, 2, b"in-2", late.to_bytes(), None))
-            assert await svc.store.pending_review_count() == 1
+            assert await svc.queue.pending_count() == 1
             assert await wait_for(lambda: True)
 
     asyncio.run(scenario())

@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import RedisSettings
 from pipeline.schemas import Decision, ReviewReason, ReviewTask, ContentItem, Stage, TriageScores, Verdict, VerdictStatus
-from pipeline.store import EffectKind, Store, Visibility
+from pipeline.review.queue import ReviewQueue
+from pipeline.store import EffectKind, RedisStore, Visibility
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,7 @@ def verdict(cid: str, status: VerdictStatus, decision: Decision, verdict_id: str
 
 def test_first_final_verdict_wins_and_redelivery_gets_it_back(kafka_stack, unique_prefix) -> None:
     async def scenario() -> None:
-        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        store = RedisStore(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
         first = verdict("c1", VerdictStatus.FINAL, Decision.ALLOW, "v-first")
         second = verdict("c1", VerdictStatus.FINAL, Decision.BLOCK, "v-second")
         recorded = await store.record(EffectKind.FINAL, "c1", first.to_bytes(), first)
@@ -36,7 +37,7 @@ def test_first_final_verdict_wins_and_redelivery_gets_it_back(kafka_stack, uniqu
 
 def test_concurrent_records_create_exactly_one(kafka_stack, unique_prefix) -> None:
     async def scenario() -> None:
-        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        store = RedisStore(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
         results = await asyncio.gather(
             *(store.record(EffectKind.FINAL, "c2", f"payload-{i}".encode()) for i in range(20))
         )
@@ -49,7 +50,7 @@ def test_concurrent_records_create_exactly_one(kafka_stack, unique_prefix) -> No
 
 def test_provisional_never_rehides_a_decided_item(kafka_stack, unique_prefix) -> None:
     async def scenario() -> None:
-        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        store = RedisStore(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
         final = verdict("c3", VerdictStatus.FINAL, Decision.BLOCK, "v-final")
         await store.record(EffectKind.FINAL, "c3", final.to_bytes(), final)
         late = verdict("c3", VerdictStatus.PROVISIONAL, Decision.HIDE_PENDING, "v-prov")
@@ -63,7 +64,7 @@ def test_provisional_never_rehides_a_decided_item(kafka_stack, unique_prefix) ->
 
 def test_provisional_hides_until_final(kafka_stack, unique_prefix) -> None:
     async def scenario() -> None:
-        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        store = RedisStore(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
         assert (await store.visibility("c4")).state is Visibility.UNKNOWN
         prov = verdict("c4", VerdictStatus.PROVISIONAL, Decision.HIDE_PENDING, "v-prov")
         await store.record(EffectKind.PROVISIONAL, "c4", prov.to_bytes(), prov)
@@ -78,7 +79,8 @@ def test_provisional_hides_until_final(kafka_stack, unique_prefix) -> None:
 
 def test_review_queue_is_oldest_first_and_deduplicated(kafka_stack, unique_prefix) -> None:
     async def scenario() -> None:
-        store = Store(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        store = RedisStore(RedisSettings(url=kafka_stack.redis_url, key_prefix=unique_prefix))
+        queue = ReviewQueue(store)
         triage = TriageScores(model_version="m", violation=0.5, latency_ms=1)
         tasks = []
         for i in range(3):
@@ -86,11 +88,11 @@ def test_review_queue_is_oldest_first_and_deduplicated(kafka_stack, unique_prefi
             tasks.append(ReviewTask(task_id=f"t{i}", item=item, triage=triage, reason=ReviewReason.EDGE_CASE,
                                     policy_ids=["hate"], ingested_at=item.created_at))
         for task in reversed(tasks):
-            assert await store.enqueue_review(task)
-        assert not await store.enqueue_review(tasks[0])
-        pending = await store.pending_reviews()
+            assert await queue.enqueue(task)
+        assert not await queue.enqueue(tasks[0])
+        pending = await queue.pending()
         assert [t.item.content_id for t in pending] == ["r0", "r1", "r2"]
-        assert await store.pending_review_count() == 3
+        assert await queue.pending_count() == 3
         await store.close()
 
     asyncio.run(scenario())
@@ -101,7 +103,7 @@ def test_redis_down_raises_store_unavailable() -> None:
     from pipeline.stack import free_port
 
     async def scenario() -> None:
-        store = Store(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+        store = RedisStore(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
         with pytest.raises(StoreUnavailable):
             await store.ping()
         await store.close()

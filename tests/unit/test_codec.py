@@ -5,7 +5,7 @@ import pytest
 from pipeline.codec import decode_content_item, decode_model, sniff_content_id
 from pipeline.errors import ContentTooLarge, SchemaError
 from pipeline.schemas import ContentItem, Escalation
-from pipeline.traffic import MALFORMED_KINDS, malformed_messages
+from pipeline.harness.traffic import MALFORMED_KINDS, malformed_messages
 
 pytestmark = pytest.mark.unit
 

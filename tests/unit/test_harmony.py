@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.errors import ModelOutputError, PolicyError
-from pipeline.harmony import (
+from pipeline.reasoner.harmony import (
     neutralise,
     parse_answer,
     parse_completion,
@@ -112,7 +112,7 @@ def reference(tmp_path_factory):  # type: ignore[no-untyped-def]
     import openai_harmony  # noqa: F401
     import quicktok  # noqa: F401
 
-    from pipeline.harmony import load_reference_encoding
+    from pipeline.reasoner.harmony import load_reference_encoding
 
     return load_reference_encoding(tmp_path_factory.mktemp("o200k"))
 

@@ -89,7 +89,7 @@ def test_lint_finds_problems(library: PolicyLibrary) -> None:
         + '\nContent: "x"\nAnswer: {"violation": 1, "rule_ids": ["VI9.z"]}\n'
     )
     duplicated = policy.rules + (policy.rules[0],)
-    from pipeline.policies import parse_examples
+    from pipeline.policies.model import parse_examples
 
     broken = dataclasses.replace(
         policy, text=broken_text, rules=duplicated, examples=parse_examples(broken_text), golden=policy.golden[:3]
@@ -116,7 +116,7 @@ def test_lint_requires_the_output_format_and_an_escalation_path(library: PolicyL
 def test_lint_cli_passes_on_the_shipped_policies() -> None:
     from typer.testing import CliRunner
 
-    from pipeline.cli_policy import policy_app
+    from pipeline.cli.policy import policy_app
 
     result = CliRunner().invoke(policy_app, ["lint"])
     assert result.exit_code == 0, result.output

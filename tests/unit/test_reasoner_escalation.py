@@ -10,11 +10,12 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
 from pipeline.errors import ReasonerUnavailable
-from pipeline.harmony import render_completion
+from pipeline.reasoner.harmony import render_completion
 from pipeline.policies import PolicyLibrary
-from pipeline.reasoner import CircuitBreaker, SafeguardReasoner, _cap
-from pipeline.reasoner_cache import InMemoryVerdictCache, cache_key, normalise_text
-from pipeline.reasoner_fakes import ScriptedTransport, answer
+from pipeline.reasoner.breaker import CircuitBreaker
+from pipeline.reasoner.core import SafeguardReasoner, _cap
+from pipeline.reasoner.cache import InMemoryVerdictCache, cache_key, normalise_text
+from pipeline.reasoner.fakes import ScriptedTransport, answer
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason, TriageScores
 

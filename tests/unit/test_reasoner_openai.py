@@ -10,10 +10,10 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
-from pipeline.openai_backend import OpenAIChatBackend
+from pipeline.reasoner.backends.openai import OpenAIChatBackend
 from pipeline.policies import PolicyLibrary
-from pipeline.policy_test import parse_endpoint
-from pipeline.reasoner import SafeguardReasoner
+from pipeline.policies.golden import parse_endpoint
+from pipeline.reasoner.core import SafeguardReasoner
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason
 

@@ -9,10 +9,10 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
 from pipeline.errors import PolicyError, ReasonerUnavailable
-from pipeline.harmony import render_completion
+from pipeline.reasoner.harmony import render_completion
 from pipeline.policies import PolicyLibrary
-from pipeline.reasoner import TritonReasoner
-from pipeline.reasoner_fakes import ScriptedReasoner, ScriptedTransport, UnscriptedCall, answer
+from pipeline.reasoner.core import SafeguardReasoner
+from pipeline.reasoner.fakes import ScriptedReasoner, ScriptedTransport, UnscriptedCall, answer
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason
 
@@ -24,7 +24,7 @@ ITEM = ContentItem(content_id="c1", text="some post")
 
 def run(script: dict[tuple[str, str], list[Any]], policies: list[str], triton: TritonSettings = FAST):
     transport = ScriptedTransport(LIB, script)
-    reasoner = TritonReasoner(triton, ReasonerSettings(min_confidence=0.6), LIB, transport=transport)
+    reasoner = SafeguardReasoner(triton, ReasonerSettings(min_confidence=0.6), LIB, transport=transport)
 
     async def go():  # type: ignore[no-untyped-def]
         async with reasoner:
@@ -119,7 +119,7 @@ def test_timeout_is_a_recorded_failure() -> None:
 
     transport = Slow(LIB, {})
     settings = TritonSettings(request_timeout_s=0.05, max_attempts=2, backoff_initial_s=0.001)
-    reasoner = TritonReasoner(settings, ReasonerSettings(), LIB, transport=transport)
+    reasoner = SafeguardReasoner(settings, ReasonerSettings(), LIB, transport=transport)
     outcome = asyncio.run(reasoner.judge(ITEM, ["violence"]))
     assert len(transport.calls) == 2
     assert "ReasonerTimeout" in (outcome.calls[0].error or "")
@@ -153,7 +153,7 @@ def test_in_flight_calls_are_bounded_across_judge_calls() -> None:
             state["now"] -= 1
             return answer(0, [], 0.9)
 
-    reasoner = TritonReasoner(TritonSettings(max_in_flight=2), ReasonerSettings(), LIB, transport=Counting(LIB, {}))
+    reasoner = SafeguardReasoner(TritonSettings(max_in_flight=2), ReasonerSettings(), LIB, transport=Counting(LIB, {}))
 
     async def go():  # type: ignore[no-untyped-def]
         items = [ContentItem(content_id=f"c{i}", text="x") for i in range(4)]

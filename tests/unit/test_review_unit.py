@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.review_auth import Principal, Role, new_token, token_hash
-from pipeline.review_bench import BEGIN, END, write_markdown
-from pipeline.review_feedback import (
+from pipeline.review.auth import Principal, Role, new_token, token_hash
+from pipeline.harness.bench.review import BEGIN, END, write_markdown
+from pipeline.review.feedback import (
     categories_for,
     compute_stats,
     feedback_example,
@@ -16,8 +16,8 @@ from pipeline.review_feedback import (
     machine_view,
     validate_example,
 )
-from pipeline.review_queue import queue_for
-from pipeline.review_testing import sample_task
+from pipeline.review.queue import queue_for
+from pipeline.harness.review import sample_task
 from pipeline.schemas import Decision, ReviewAction, ReviewDecision, Stage, Verdict, VerdictStatus
 
 pytestmark = pytest.mark.unit

@@ -1,13 +1,17 @@
 import pytest
 
 from pipeline.router import (
+    FAILED,
+    HIGH_RISK_POLICY,
+    LOW_CONFIDENCE,
+    Assessment,
     ReasoningRoute,
     TriageRoute,
     TriageThresholds,
     route_reasoning,
     route_triage,
 )
-from pipeline.schemas import Effort, EscalationReason, PolicyRef, ReasonerCall, ReviewReason, TriageScores
+from pipeline.schemas import CallFailure, EscalationReason, ReviewReason, TriageScores
 
 pytestmark = pytest.mark.unit
 
@@ -64,53 +68,71 @@ def test_thresholds_reject_inverted_band() -> None:
         TriageThresholds(allow_below=0.8, block_above=0.2)
 
 
-def call(violation: bool | None, confidence: float | None, error: str | None = None) -> ReasonerCall:
-    return ReasonerCall(
-        policy=PolicyRef(policy_id="hate", version="1", content_hash="x"),
-        model="m",
-        effort=Effort.LOW,
-        violation=violation,
-        confidence=confidence,
-        error=error,
-        latency_ms=1.0,
-    )
+def answer(
+    violation: bool | None,
+    *reasons: str,
+    policy_id: str = "hate",
+    can_raise_effort: bool = False,
+    failure: CallFailure | None = None,
+    escalate_to_humans: bool = False,
+) -> Assessment:
+    return Assessment(policy_id, violation, tuple(reasons), failure, can_raise_effort, escalate_to_humans)
 
 
 def test_reasoning_confident_violation_blocks() -> None:
-    result = route_reasoning([call(True, 0.9), call(False, 0.2)], min_confidence=0.6, can_raise_effort=True)
+    result = route_reasoning([answer(True), answer(False, LOW_CONFIDENCE, policy_id="violence")])
     assert result.route is ReasoningRoute.BLOCK
 
 
+def test_reasoning_asks_the_unsure_policy_again_before_blocking_on_another() -> None:
+    # A policy whose violations go to people could still take precedence over the removal.
+    result = route_reasoning([answer(True), answer(False, LOW_CONFIDENCE, policy_id="violence", can_raise_effort=True)])
+    assert (result.route, result.retry_policy_ids) == (ReasoningRoute.RETRY_HIGHER_EFFORT, ("violence",))
+
+
 def test_reasoning_all_confident_safe_allows() -> None:
-    result = route_reasoning([call(False, 0.9), call(False, 0.7)], min_confidence=0.6, can_raise_effort=True)
+    result = route_reasoning([answer(False), answer(False, policy_id="violence")])
     assert result.route is ReasoningRoute.ALLOW
 
 
 def test_reasoning_unsure_raises_effort_first() -> None:
-    result = route_reasoning([call(True, 0.4)], min_confidence=0.6, can_raise_effort=True)
+    result = route_reasoning([answer(True, LOW_CONFIDENCE, can_raise_effort=True)])
+    assert result.route is ReasoningRoute.RETRY_HIGHER_EFFORT
+
+
+def test_reasoning_high_risk_answer_gets_a_second_look_even_when_settled() -> None:
+    result = route_reasoning([answer(True, HIGH_RISK_POLICY, can_raise_effort=True)])
     assert result.route is ReasoningRoute.RETRY_HIGHER_EFFORT
 
 
 def test_reasoning_unsure_at_high_effort_goes_to_review() -> None:
-    result = route_reasoning([call(True, 0.4)], min_confidence=0.6, can_raise_effort=False)
+    result = route_reasoning([answer(True, LOW_CONFIDENCE)])
     assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.EDGE_CASE)
 
 
 def test_reasoner_failure_fails_closed_to_review() -> None:
-    result = route_reasoning([call(None, None, error="unavailable")], min_confidence=0.6, can_raise_effort=False)
+    result = route_reasoning([answer(None, FAILED, failure=CallFailure.UNAVAILABLE)])
     assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.REASONER_FAILED)
 
 
+def test_transport_failure_is_not_asked_again_at_a_higher_effort() -> None:
+    result = route_reasoning([answer(None, FAILED, failure=CallFailure.TIMEOUT, can_raise_effort=True)])
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.REASONER_FAILED)
+
+
+def test_unreadable_output_is_asked_again_at_a_higher_effort() -> None:
+    result = route_reasoning([answer(None, FAILED, failure=CallFailure.INVALID_OUTPUT, can_raise_effort=True)])
+    assert result.route is ReasoningRoute.RETRY_HIGHER_EFFORT
+
+
 def test_escalate_to_humans_policy_sends_violation_to_review() -> None:
-    result = route_reasoning(
-        [call(True, 0.95)], min_confidence=0.6, can_raise_effort=True, escalate_to_humans=True
-    )
+    result = route_reasoning([answer(True, escalate_to_humans=True)])
     assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.POLICY_ESCALATE)
 
 
 def test_reasoning_needs_calls() -> None:
     with pytest.raises(ValueError):
-        route_reasoning([], min_confidence=0.6, can_raise_effort=True)
+        route_reasoning([])
 
 
 def test_route_requested_policy_without_triage_category_escalates_instead_of_allowing() -> None:

@@ -10,10 +10,11 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
 from pipeline.errors import ReasonerUnavailable
-from pipeline.harmony import parse_messages
+from pipeline.reasoner.harmony import parse_messages
 from pipeline.policies import PolicyLibrary
-from pipeline.reasoner import CircuitBreaker, SafeguardReasoner
-from pipeline.reasoner_fakes import ScriptedTransport, answer
+from pipeline.reasoner.breaker import CircuitBreaker
+from pipeline.reasoner.core import SafeguardReasoner
+from pipeline.reasoner.fakes import ScriptedTransport, answer
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, ReviewReason
 

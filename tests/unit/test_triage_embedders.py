@@ -16,8 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.config import TriageSettings
+from pipeline.triage.embedders import ONNX_INT8_DIR
 from pipeline.triage import (
-    ONNX_INT8_DIR,
     CachedEmbedder,
     Embedder,
     OnnxEmbedder,

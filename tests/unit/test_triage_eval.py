@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.triage_bench import BEGIN, END, write_markdown
-from pipeline.triage_eval import binary_metrics, evaluate, trade_off
+from pipeline.harness.bench.triage import BEGIN, END, write_markdown
+from pipeline.triage.eval import binary_metrics, evaluate, trade_off
 
 pytestmark = pytest.mark.unit
 

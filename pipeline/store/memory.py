@@ -1,0 +1,106 @@
+"""An in-memory :class:`~pipeline.store.base.StateStore` with the Redis store's semantics, for unit tests and demos.
+
+It imitates :class:`pipeline.store.redis.RedisStore` (its Lua scripts are the reference): first record wins,
+a verdict moves visibility in the same step, a provisional verdict never overrides a final state, entries expire
+after ``ttl_s`` (measured on ``clock``), and an appeal outcome moves visibility only over the verdict it
+supersedes. Setting ``available = False`` makes every call raise :class:`StoreUnavailable`, as a Redis outage does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.errors import StoreUnavailable
+from pipeline.schemas import Verdict, VerdictStatus
+from pipeline.store.base import EffectKind, Recorded, Visibility, VisibilityRecord, visibility_for
+
+
+@dataclass
+class _Entry:
+    payload: bytes
+    published: bool
+    expires_at: float
+
+
+@dataclass
+class _Visible:
+    state: Visibility
+    verdict: bytes
+    verdict_id: str
+    final: bool
+    expires_at: float
+
+
+class InMemoryStore:
+    """A process-local ledger and visibility map (see the module docstring)."""
+
+    def __init__(self, ttl_s: float = 30 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:
+        self.ttl_s = ttl_s
+        self.available = True
+        self._clock = clock
+        self._ledger: dict[tuple[EffectKind, str], _Entry] = {}
+        self._visibility: dict[str, _Visible] = {}
+
+    def _check(self) -> None:
+        if not self.available:
+            raise StoreUnavailable("in-memory store marked unavailable")
+
+    def _live(self, table: dict, key: object):  # type: ignore[no-untyped-def]
+        entry = table.get(key)
+        if entry is not None and entry.expires_at <= self._clock():
+            del table[key]
+            return None
+        return entry
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def close(self) -> None:
+        return None
+
+    async def record(
+        self, kind: EffectKind, effect_id: str, payload: bytes, verdict: Verdict | None = None
+    ) -> Recorded:
+        self._check()
+        existing = self._live(self._ledger, (kind, effect_id))
+        if existing is not None:
+            return Recorded(existing.payload, created=False, published=existing.published)
+        expires = self._clock() + self.ttl_s
+        self._ledger[(kind, effect_id)] = _Entry(payload, False, expires)
+        if verdict is not None:
+            final = verdict.status is VerdictStatus.FINAL
+            current = self._live(self._visibility, effect_id)
+            if final or current is None or not current.final:
+                self._visibility[effect_id] = _Visible(visibility_for(verdict), payload, verdict.verdict_id, final,
+                                                       expires)
+        return Recorded(payload, created=True, published=False)
+
+    async def mark_published(self, kind: EffectKind, effect_id: str) -> None:
+        self._check()
+        entry = self._live(self._ledger, (kind, effect_id))
+        if entry is not None:
+            entry.published = True
+
+    async def recorded(self, kind: EffectKind, effect_id: str) -> Recorded | None:
+        self._check()
+        entry = self._live(self._ledger, (kind, effect_id))
+        return None if entry is None else Recorded(entry.payload, created=False, published=entry.published)
+
+    async def visibility(self, content_id: str) -> VisibilityRecord:
+        self._check()
+        entry = self._live(self._visibility, content_id)
+        if entry is None:
+            return VisibilityRecord(Visibility.UNKNOWN, None, False)
+        return VisibilityRecord(entry.state, Verdict.model_validate_json(entry.verdict), entry.final)
+
+    async def visibility_after_appeal(self, content_id: str, verdict: Verdict, supersedes: str) -> bool:
+        self._check()
+        current = self._live(self._visibility, content_id)
+        current_id = current.verdict_id if current is not None else None
+        if current_id not in (supersedes, verdict.verdict_id):
+            return False
+        self._visibility[content_id] = _Visible(visibility_for(verdict), verdict.to_bytes(), verdict.verdict_id, True,
+                                                self._clock() + self.ttl_s)
+        return True
