@@ -84,7 +84,9 @@ COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
 # Data the package reads at run time. The settings default to paths next to the source tree, which a
-# non-editable install does not have, so the ENV below points them here.
+# non-editable install does not have, so the ENV below points them here. The labelled data sets are not in the
+# image (the project ships none): workers never read them; to run `modpipe triage train|eval` or `policy test`
+# here, mount the shared datasets folder and set MODPIPE_DATASETS_DIR to it.
 COPY --chown=root:root policies/ /app/policies/
 COPY --chown=root:root triage_models/ /app/triage_models/
 # The production Triton model repository (vLLM configs, no weights), so a cluster can seed Triton's

@@ -15,10 +15,11 @@ import enum
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import faust
 
@@ -87,7 +88,8 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
     )
-    state: dict[str, object] = {}
+    # What to close on shutdown, in the order opened (closed in reverse).
+    closers: list[Callable[[], Awaitable[object]]] = []
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(kafka.topic(name), value_serializer="raw", key_serializer="raw", partitions=kafka.partitions)
@@ -98,7 +100,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         await store.ping()
         publisher = Publisher(kafka)
         await publisher.start()
-        state["store"], state["publisher"] = store, publisher
+        closers.extend([store.close, publisher.stop])
         metrics.serve(settings.worker.metrics_port)
         return store, publisher
 
@@ -114,132 +116,110 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     async def _assigned(sender: faust.App, assigned: set, **_: object) -> None:
         mark_ready_if_assigned()
 
-    async def consume(
-        stream: faust.StreamT,
-        build_handler: Callable[[], Awaitable[Any]],
-        batch_size: int,
-        within_s: float,
-        handle: Callable[[Any, list[Record]], Awaitable[Any]],
-    ) -> None:
+    spec = ROLE_SPECS[role](settings)
+
+    @app.agent(topic(spec.topic), name=f"{role.value}_agent")
+    async def agent(stream: faust.StreamT) -> None:
         """The one agent loop every role shares: build the handler, report ready, handle batches, never raise."""
-        handler = await build_handler()
+        store, publisher = await open_common()
+        handler = await spec.build(store, publisher, closers)
         handler_ready.set()
         mark_ready_if_assigned()
-        async for events in stream.take_events(batch_size, within=within_s):
+        async for events in stream.take_events(spec.batch_size, within=spec.within_s):
             try:
-                await handle(handler, [record_from_event(e) for e in events])
+                await handler.handle_batch([record_from_event(e) for e in events])
             except Exception as exc:  # noqa: BLE001 - see _die
                 _die(role, exc)
 
-    if role is Role.TRIAGE:
-
-        @app.agent(topic(kafka.incoming_topic))
-        async def triage_agent(stream: faust.StreamT) -> None:
-            # Batches are embedded together in the executor (stream.take_events).
-            await consume(
-                stream,
-                _triage_handler,
-                settings.triage.batch_size,
-                settings.triage.batch_within_s,
-                lambda handler, records: handler.handle_batch(records),
-            )
-
-        async def _triage_handler():  # type: ignore[no-untyped-def]
-            if "triage" not in state:
-                from pipeline.handlers import TriageHandler
-                from pipeline.policies import PolicyLibrary
-                from pipeline.triage import TriageModel
-
-                store, publisher = await open_common()
-                loop = asyncio.get_running_loop()
-                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-                model = await loop.run_in_executor(
-                    executor,
-                    functools.partial(
-                        TriageModel.load,
-                        settings.triage.model_dir,
-                        settings=settings.triage,
-                        triton_grpc_url=settings.triton.grpc_url,
-                    ),
-                )
-                # Load the embedder now, not on the first message: readiness must mean "can score at full speed".
-                await loop.run_in_executor(executor, model.warm_up)
-                library = PolicyLibrary.from_settings(settings.reasoner)
-                state["triage"] = TriageHandler(model, library, Effects(kafka, store, publisher),
-                                                max_text_chars=settings.triage.max_text_chars, executor=executor)
-                logger.info("triage worker ready: model %s", model.version)
-            return state["triage"]
-
-    elif role is Role.REASONING:
-
-        @app.agent(topic(kafka.escalations_topic))
-        async def reasoning_agent(stream: faust.StreamT) -> None:
-            # Many generate calls in flight: a batch is judged concurrently, then acknowledged together.
-            await consume(
-                stream,
-                _reasoning_handler,
-                settings.triton.max_in_flight,
-                0.05,
-                lambda handler, records: asyncio.gather(*(handler.handle(r) for r in records)),
-            )
-
-        async def _reasoning_handler():  # type: ignore[no-untyped-def]
-            if "reasoning" not in state:
-                from pipeline.handlers import ReasoningHandler
-                from pipeline.policies import PolicyLibrary
-                from pipeline.reasoner import build_reasoner
-
-                store, publisher = await open_common()
-                library = PolicyLibrary.from_settings(settings.reasoner)
-                reasoner = build_reasoner(settings, library)
-                await reasoner.start()
-                state["reasoner"] = reasoner
-                state["reasoning"] = ReasoningHandler(reasoner, library, Effects(kafka, store, publisher))
-                if settings.reasoner.backend == "triton":
-                    from pipeline.reasoner.backends.triton import http_ready
-
-                    # Not a gate: an unready model fails closed to review until it comes up.
-                    if not await http_ready(settings.triton):
-                        logger.warning("triton at %s does not report %s ready yet; its items go to review until "
-                                       "it does", settings.triton.http_url, settings.triton.reasoner_model)
-                logger.info("reasoning worker ready: model %s", reasoner.model)
-            return state["reasoning"]
-
-    elif role is Role.REVIEW_INTAKE:
-
-        @app.agent(topic(kafka.review_topic))
-        async def review_intake_agent(stream: faust.StreamT) -> None:
-            async def handle_in_order(handler: Any, records: list[Record]) -> None:
-                for record in records:
-                    await handler.handle(record)
-
-            await consume(stream, _review_handler, 64, 0.05, handle_in_order)
-
-        async def _review_handler():  # type: ignore[no-untyped-def]
-            if "review" not in state:
-                from pipeline.handlers import ReviewIntakeHandler
-                from pipeline.policies import PolicyLibrary
-                from pipeline.review.queue import ReviewQueue, severities_from
-
-                store, publisher = await open_common()
-                library = PolicyLibrary.from_settings(settings.reasoner, strict=False)
-                queue = ReviewQueue(store, severities_from(library))
-                state["review"] = ReviewIntakeHandler(store, queue, Effects(kafka, store, publisher))
-            return state["review"]
-
     @app.on_before_shutdown.connect
     async def _close(sender: faust.App, **_: object) -> None:
-        reasoner = state.get("reasoner")
-        if reasoner is not None:
-            await reasoner.close()  # type: ignore[attr-defined]
-        publisher = state.get("publisher")
-        if publisher is not None:
-            await publisher.stop()  # type: ignore[attr-defined]
-        store = state.get("store")
-        if store is not None:
-            await store.close()  # type: ignore[attr-defined]
+        for close in reversed(closers):
+            await close()
 
     return app
+
+
+class BatchHandler(Protocol):
+    async def handle_batch(self, records: Sequence[Record]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What one role consumes, in which batches, and how its handler is built on worker start."""
+
+    topic: str  # the unprefixed topic name (a ``KafkaSettings.*_topic`` value)
+    batch_size: int
+    within_s: float
+    # (store, publisher, closers) -> handler; anything it opens that needs closing goes on ``closers``
+    build: Callable[[RedisStore, Publisher, list[Callable[[], Awaitable[object]]]], Awaitable[BatchHandler]]
+
+
+def _triage_spec(settings: Settings) -> RoleSpec:
+    async def build(store: RedisStore, publisher: Publisher, closers: list) -> BatchHandler:
+        from pipeline.handlers import TriageHandler
+        from pipeline.policies import PolicyLibrary
+        from pipeline.triage import TriageModel
+
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        model = await loop.run_in_executor(
+            executor,
+            functools.partial(TriageModel.load, settings.triage.model_dir, settings=settings.triage,
+                              triton_grpc_url=settings.triton.grpc_url),
+        )
+        # Load the embedder now, not on the first message: readiness must mean "can score at full speed".
+        await loop.run_in_executor(executor, model.warm_up)
+        library = PolicyLibrary.from_settings(settings.reasoner)
+        logger.info("triage worker ready: model %s", model.version)
+        return TriageHandler(model, library, Effects(settings.kafka, store, publisher),
+                             max_text_chars=settings.triage.max_text_chars, executor=executor)
+
+    # Batches are embedded together in the executor.
+    return RoleSpec(settings.kafka.incoming_topic, settings.triage.batch_size, settings.triage.batch_within_s, build)
+
+
+def _reasoning_spec(settings: Settings) -> RoleSpec:
+    async def build(store: RedisStore, publisher: Publisher, closers: list) -> BatchHandler:
+        from pipeline.handlers import ReasoningHandler
+        from pipeline.policies import PolicyLibrary
+        from pipeline.reasoner import build_reasoner
+
+        library = PolicyLibrary.from_settings(settings.reasoner)
+        reasoner = build_reasoner(settings, library)
+        await reasoner.start()
+        closers.append(reasoner.close)
+        if settings.reasoner.backend == "triton":
+            from pipeline.reasoner.backends.triton import http_ready
+
+            # Not a gate: an unready model fails closed to review until it comes up.
+            if not await http_ready(settings.triton):
+                logger.warning("triton at %s does not report %s ready yet; its items go to review until it does",
+                               settings.triton.http_url, settings.triton.reasoner_model)
+        logger.info("reasoning worker ready: model %s", reasoner.model)
+        return ReasoningHandler(reasoner, library, Effects(settings.kafka, store, publisher))
+
+    # A batch is judged concurrently (many generate calls in flight), then acknowledged together.
+    return RoleSpec(settings.kafka.escalations_topic, settings.triton.max_in_flight, 0.05, build)
+
+
+def _review_intake_spec(settings: Settings) -> RoleSpec:
+    async def build(store: RedisStore, publisher: Publisher, closers: list) -> BatchHandler:
+        from pipeline.handlers import ReviewIntakeHandler
+        from pipeline.policies import PolicyLibrary
+        from pipeline.review.queue import ReviewQueue, severities_from
+
+        library = PolicyLibrary.from_settings(settings.reasoner, strict=False)
+        queue = ReviewQueue(store, severities_from(library))
+        return ReviewIntakeHandler(store, queue, Effects(settings.kafka, store, publisher))
+
+    return RoleSpec(settings.kafka.review_topic, 64, 0.05, build)
+
+
+ROLE_SPECS: dict[Role, Callable[[Settings], RoleSpec]] = {
+    Role.TRIAGE: _triage_spec,
+    Role.REASONING: _reasoning_spec,
+    Role.REVIEW_INTAKE: _review_intake_spec,
+}
 
 
 def worker_ready_file(settings: Settings, role: Role, pid: int) -> Path:

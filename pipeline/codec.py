@@ -6,6 +6,7 @@ locations and types only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import ContentTooLarge, SchemaError
-from pipeline.schemas import CONTENT_ID_PATTERN, ContentItem
+from pipeline.schemas import CONTENT_ID_PATTERN, ContentItem, validate_wire
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -38,6 +39,13 @@ class Record:
     def where(self) -> str:
         """``topic[partition]@offset``: how every log line names a message."""
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    @property
+    def message_id(self) -> str:
+        """Where the message sits in the log plus a digest of its bytes: the same for a redelivered or replayed
+        message, different for a new message at a reused offset (a recreated topic, a restarted in-memory broker)."""
+        digest = hashlib.sha256(self.value or b"").hexdigest()[:16]
+        return f"{self.topic}|{self.partition}|{self.offset}|{digest}"
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -66,7 +74,7 @@ def decode_model(value: bytes | None, model: type[ModelT], max_bytes: int | None
     if not isinstance(data, dict):
         raise SchemaError(f"message value must be a JSON object, got {type(data).__name__}")
     try:
-        return model.model_validate(data)
+        return validate_wire(model, data)  # type: ignore[type-var]
     except ValidationError as exc:
         raise SchemaError(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
 

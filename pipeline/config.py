@@ -199,6 +199,12 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=default_state_dir, description="Local stack state, PIDs and logs.")
+    datasets_dir: Path = Field(
+        PROJECT_ROOT.parent / "shared" / "datasets",
+        description="Folder of the shared labelled data sets (openai_moderation/, xstest/, hatecheck/, ...), read "
+        "in place by triage training and evaluation, the accuracy bench and `modpipe policy test` (golden "
+        "references); the project never copies them. Workers do not read it.",
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Broker and topics.")
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis store.")
     triton: TritonSettings = Field(default_factory=TritonSettings, description="Triton inference server.")

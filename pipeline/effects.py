@@ -25,8 +25,8 @@ from pipeline.codec import Record, sniff_content_id
 from pipeline.config import KafkaSettings
 from pipeline.errors import PermanentError, RetryableError
 from pipeline.retry import Backoff, with_retries
-from pipeline.schemas import DeadLetter, Verdict, VerdictStatus, utcnow
-from pipeline.store.base import EffectKind, Recorded, StateStore
+from pipeline.schemas import DeadLetter, Verdict, VerdictStatus, parse_wire, utcnow
+from pipeline.store.base import EffectId, EffectKind, Recorded, StateStore, item_effect, message_effect
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,13 +94,13 @@ class Effects:
         """One store call with the store's retries (``stage`` names it in metrics and logs)."""
         return await with_retries(lambda _: call(), stage=stage, attempts=STORE_ATTEMPTS, backoff=STORE_BACKOFF)
 
-    async def _publish(self, kind: EffectKind, effect_id: str, key: str | None, recorded: Recorded) -> None:
+    async def _publish(self, kind: EffectKind, effect_id: EffectId, key: str | None, recorded: Recorded) -> None:
         if not recorded.published:
             await self.publisher.send(self.topics[kind], key, recorded.payload)
             await self.ledger(kind.value, lambda: self.store.mark_published(kind, effect_id))
 
     async def emit(
-        self, kind: EffectKind, effect_id: str, key: str | None, payload: bytes, verdict: Verdict | None = None
+        self, kind: EffectKind, effect_id: EffectId, key: str | None, payload: bytes, verdict: Verdict | None = None
     ) -> bool:
         """Publish the effect unless it was published before. True if this call created it."""
         recorded = await self.ledger(
@@ -111,7 +111,7 @@ class Effects:
         await self._publish(kind, effect_id, key, recorded)
         return recorded.created
 
-    async def finish_pending(self, kind: EffectKind, effect_id: str, key: str) -> bool:
+    async def finish_pending(self, kind: EffectKind, effect_id: EffectId, key: str) -> bool:
         """If an effect was recorded earlier, make sure it is published. True if one existed."""
         recorded = await self.ledger(
             kind.value, lambda: self.store.recorded(kind, effect_id)
@@ -122,14 +122,31 @@ class Effects:
         await self._publish(kind, effect_id, key, recorded)
         return True
 
-    async def verdict(self, verdict: Verdict) -> None:
+    async def verdict(self, verdict: Verdict) -> Verdict:
+        """Publish a verdict in its revision's slot; returns the verdict that stands there (this one, unless one
+        was recorded before: a redelivery then republishes the stored one)."""
         kind = EffectKind.FINAL if verdict.status is VerdictStatus.FINAL else EffectKind.PROVISIONAL
-        if await self.emit(kind, verdict.content_id, verdict.content_id, verdict.to_bytes(), verdict):
+        effect_id = item_effect(verdict.content_id, verdict.revision)
+        created = await self.emit(kind, effect_id, verdict.content_id, verdict.to_bytes(), verdict)
+        if created:
             metrics.verdicts_total.labels(verdict.stage.value, verdict.status.value, verdict.decision.value).inc()
             if verdict.latency.since_ingest_ms is not None:
                 metrics.verdict_latency_seconds.labels(verdict.stage.value, verdict.status.value).observe(
                     verdict.latency.since_ingest_ms / 1000.0
                 )
+            return verdict
+        stored = await self.ledger(kind.value, lambda: self.store.recorded(kind, effect_id))
+        return parse_wire(Verdict, stored.payload) if stored is not None else verdict
+
+    async def superseded(self, content_id: str, revision: int, lookback: int = 8) -> str | None:
+        """The final verdict a verdict on ``revision`` replaces: that of the nearest earlier revision that has one
+        (an edit supersedes what the platform shows), or None for a first revision."""
+        for earlier in range(revision - 1, max(0, revision - 1 - lookback), -1):
+            slot = item_effect(content_id, earlier)
+            stored = await self.ledger("supersedes", lambda s=slot: self.store.recorded(EffectKind.FINAL, s))
+            if stored is not None:
+                return parse_wire(Verdict, stored.payload).verdict_id
+        return None
 
     async def dead_letter(
         self, record: Record, stage: str, error: BaseException, content_id: str | None = None, attempts: int = 1
@@ -153,7 +170,7 @@ class Effects:
         # Offsets identify a message only within one incarnation of a topic (a recreated topic, or a restarted
         # in-memory broker, reuses them); the digest of the bytes keeps a new message at an old offset distinct.
         digest = hashlib.sha256(record.value or b"").hexdigest()[:16]
-        effect_id = f"{record.topic}:{record.partition}:{record.offset}:{digest}"
+        effect_id = message_effect(record.topic, record.partition, record.offset, digest)
         try:
             await self.emit(EffectKind.DEAD_LETTER, effect_id, letter.content_id, letter.to_bytes())
         except RetryableError:

@@ -34,7 +34,8 @@ from pipeline.schemas import (
     TriageScores,
     Verdict,
 )
-from pipeline.store.base import EffectKind, StateStore
+from pipeline.store.base import EffectKind, StateStore, item_effect
+from pipeline.texts import text_hash
 
 if TYPE_CHECKING:
     from pipeline.policies import PolicyLibrary
@@ -123,11 +124,16 @@ class TriageHandler:
 
     async def _decide(self, record: Record, item: ContentItem, scores: TriageScores) -> None:
         cid = item.content_id
-        # A redelivered or replayed item whose effects exist: finish publishing them, decide nothing new.
-        if await self.effects.finish_pending(EffectKind.FINAL, cid, cid):
+        # An edit (the same id with another text) is a new revision, moderated like new content.
+        revision = await self.effects.ledger(
+            self.stage, lambda: self.effects.store.revision(cid, text_hash(item.text), record.message_id)
+        )
+        slot = item_effect(cid, revision.number)
+        # A redelivered or replayed message whose effects exist: finish publishing them, decide nothing new.
+        if await self.effects.finish_pending(EffectKind.FINAL, slot, cid):
             return
-        if await self.effects.finish_pending(EffectKind.ESCALATION, cid, cid):
-            await self.effects.finish_pending(EffectKind.PROVISIONAL, cid, cid)
+        if await self.effects.finish_pending(EffectKind.ESCALATION, slot, cid):
+            await self.effects.finish_pending(EffectKind.PROVISIONAL, slot, cid)
             return
         if item.policy_ids:
             enforcing = [p for p in item.policy_ids if p in self.enforcing]
@@ -139,35 +145,40 @@ class TriageHandler:
         ingested = ingest_time(record)
         latency = Latency(triage_ms=scores.latency_ms, since_ingest_ms=since_ingest_ms(ingested))
         policies = _policy_refs(self.library, decision.policy_ids)
+        supersedes = await self.effects.superseded(cid, revision.number)
         if decision.route is TriageRoute.ESCALATE:
             assert decision.reason is not None
             provisional = Verdict.provisional(
-                cid, Stage.TRIAGE, triage=scores, policies=policies, latency=latency,
-                rationale=f"hidden pending policy review ({decision.reason.value})",
+                cid, Stage.TRIAGE, revision=revision.number, supersedes=supersedes, platform=item.platform,
+                triage=scores, policies=policies,
+                latency=latency, rationale=f"hidden pending policy review ({decision.reason.value})",
             )
             # Hide first: the item must be hidden before anyone can learn it was escalated.
             await self.effects.verdict(provisional)
             escalation = Escalation(
                 item=item,
+                revision=revision.number,
                 triage=scores,
                 reason=decision.reason,
                 policy_ids=list(decision.policy_ids),
                 ingested_at=ingested,
             )
-            if await self.effects.emit(EffectKind.ESCALATION, cid, cid, escalation.to_bytes()):
+            if await self.effects.emit(EffectKind.ESCALATION, slot, cid, escalation.to_bytes()):
                 metrics.escalations_total.labels(decision.reason.value).inc()
-            logger.info("triage: %s %s escalated (%s)", record.where, cid, decision.reason.value)
+            logger.info("triage: %s %s r%d escalated (%s)", record.where, cid, revision.number,
+                        decision.reason.value)
             return
         blocked = decision.route is TriageRoute.BLOCK
         thresholds = self.model.thresholds
         comparison = f">= {thresholds.block_above:.3f}" if blocked else f"< {thresholds.allow_below:.3f}"
         final = Verdict.final(
             cid, Decision.BLOCK if blocked else Decision.ALLOW, Stage.TRIAGE,
-            triage=scores, policies=policies if blocked else [], latency=latency,
-            rationale=f"triage classifier: violation probability {scores.violation:.3f} {comparison}",
+            revision=revision.number, supersedes=supersedes, platform=item.platform, triage=scores,
+            policies=policies if blocked else [],
+            latency=latency, rationale=f"triage classifier: violation probability {scores.violation:.3f} {comparison}",
         )
         await self.effects.verdict(final)
-        logger.info("triage: %s %s %s", record.where, cid, final.decision.value)
+        logger.info("triage: %s %s r%d %s", record.where, cid, revision.number, final.decision.value)
 
 
 class ReasoningHandler:
@@ -180,6 +191,10 @@ class ReasoningHandler:
         self.library = library
         self.effects = effects
 
+    async def handle_batch(self, records: Sequence[Record]) -> None:
+        """Judge a batch concurrently (many generate calls in flight); each record is guarded on its own."""
+        await asyncio.gather(*(self.handle(record) for record in records))
+
     async def handle(self, record: Record) -> None:
         await guarded(self.effects, record, self.stage, lambda: self._handle(record))
 
@@ -187,9 +202,10 @@ class ReasoningHandler:
         escalation = decode_model(record.value, Escalation)
         item = escalation.item
         cid = item.content_id
-        if await self.effects.finish_pending(EffectKind.FINAL, cid, cid):
+        slot = item_effect(cid, escalation.revision)
+        if await self.effects.finish_pending(EffectKind.FINAL, slot, cid):
             return
-        if await self.effects.finish_pending(EffectKind.REVIEW, cid, cid):
+        if await self.effects.finish_pending(EffectKind.REVIEW, slot, cid):
             return
         for policy_id in escalation.policy_ids:
             self.library.get(policy_id)  # PolicyError (dead letter, item stays hidden) for an unknown policy
@@ -202,7 +218,8 @@ class ReasoningHandler:
         if outcome.route in (ReasoningRoute.ALLOW, ReasoningRoute.BLOCK):
             blocked = outcome.route is ReasoningRoute.BLOCK
             final = Verdict.final(
-                cid, Decision.BLOCK if blocked else Decision.ALLOW, Stage.REASONER,
+                cid, Decision.BLOCK if blocked else Decision.ALLOW, Stage.REASONER, revision=escalation.revision,
+                supersedes=await self.effects.superseded(cid, escalation.revision), platform=item.platform,
                 triage=escalation.triage, policies=outcome.policies, reasoner_calls=outcome.calls,
                 rule_ids=outcome.rule_ids, rationale=outcome.rationale, latency=latency,
             )
@@ -218,13 +235,14 @@ class ReasoningHandler:
         task = ReviewTask(
             task_id=uuid.uuid4().hex,
             item=item,
+            revision=escalation.revision,
             triage=escalation.triage,
             reason=outcome.review_reason,
             policy_ids=escalation.policy_ids,
             reasoner_calls=outcome.calls,
             ingested_at=escalation.ingested_at,
         )
-        if await self.effects.emit(EffectKind.REVIEW, cid, cid, task.to_bytes()):
+        if await self.effects.emit(EffectKind.REVIEW, slot, cid, task.to_bytes()):
             metrics.review_tasks_total.labels(outcome.review_reason.value).inc()
         logger.info("reasoning: %s %s to review (%s)", record.where, cid, outcome.review_reason.value)
 
@@ -239,6 +257,11 @@ class ReviewIntakeHandler:
         self.inbox = inbox
         self.effects = effects
 
+    async def handle_batch(self, records: Sequence[Record]) -> None:
+        """In order: a redelivered task arrives after the one it repeats."""
+        for record in records:
+            await self.handle(record)
+
     async def handle(self, record: Record) -> None:
         await guarded(self.effects, record, self.stage, lambda: self._handle(record))
 
@@ -247,7 +270,8 @@ class ReviewIntakeHandler:
 
         async def enqueue() -> bool:
             # An item decided meanwhile (or a replayed task) must not come back to the reviewers.
-            if (await self.store.recorded(EffectKind.FINAL, task.item.content_id)) is not None:
+            decided = await self.store.recorded(EffectKind.FINAL, item_effect(task.item.content_id, task.revision))
+            if decided is not None:
                 return False
             return await self.inbox.enqueue(task)
 

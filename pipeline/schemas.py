@@ -8,9 +8,10 @@ timezone-aware. Content text is untrusted: nothing here logs it.
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -151,14 +152,8 @@ class Latency(_Wire):
     )
 
 
-class Verdict(_Wire):
-    """A decision about one item, published to ``moderation.verdicts`` (key: ``content_id``).
-
-    Consumers must treat ``verdict_id`` as the idempotency key: a redelivered verdict has the same id. At most
-    one final verdict id exists per ``content_id`` (a later appeal produces a new verdict with ``supersedes``).
-    """
-
-    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+class _VerdictFields(_Wire):
+    schema_version: int
     verdict_id: str = Field(..., description="Stable id; identical for redelivered copies.")
     content_id: str = Field(..., pattern=CONTENT_ID_PATTERN)
     status: VerdictStatus = Field(..., description="provisional (item hidden meanwhile) or final.")
@@ -170,9 +165,40 @@ class Verdict(_Wire):
     rule_ids: list[str] = Field(default_factory=list, description="Cited rule ids, all defined by the policies.")
     rationale: str = Field("", description="Why, in words.")
     reviewer_id: str | None = Field(None, description="Who decided, for stage=review.")
-    supersedes: str | None = Field(None, description="verdict_id this one replaces (appeals), if any.")
+    supersedes: str | None = Field(
+        None, description="verdict_id of the final verdict this one replaces (an appeal outcome, or the verdict on "
+        "an earlier revision of the item), if any."
+    )
     latency: Latency = Field(default_factory=Latency)
     decided_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class VerdictV1(_VerdictFields):
+    """Version 1 (before revisions): read from topics and stores written by older workers, upgraded on read."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+
+    def upgrade(self) -> Verdict:
+        return Verdict(**{**self.model_dump(), "schema_version": 2, "revision": 1})
+
+
+class Verdict(_VerdictFields):
+    """A decision about one revision of one item, published to ``moderation.verdicts`` (key: ``content_id``).
+
+    Consumers must treat ``verdict_id`` as the idempotency key: a redelivered verdict has the same id. At most one
+    final verdict id exists per ``(content_id, revision)``; a later appeal, or the verdict on a newer revision (an
+    edit), is a new verdict naming the one it replaces in ``supersedes``. What a platform shows follows the verdict
+    of the highest revision.
+    """
+
+    schema_version: Literal[2] = Field(2, description="Wire version of this model.")
+    revision: int = Field(
+        1, ge=1, description="Which text of the item this verdict judged: 1 for the first, +1 for each edit (the same "
+        "content_id published with a different text)."
+    )
+    platform: str | None = Field(
+        None, max_length=64, description="The item's platform (ContentItem.platform): whose item this is."
+    )
 
     @classmethod
     def final(cls, content_id: str, decision: Decision, stage: Stage, **evidence: Any) -> Verdict:
@@ -192,16 +218,30 @@ class EscalationReason(str, enum.Enum):
     HIGH_RISK = "high_risk"  # a high-risk category is forced to the reasoner
 
 
-class Escalation(_Wire):
-    """An item triage could not settle, sent to ``moderation.escalations`` (key: ``content_id``)."""
-
-    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+class _EscalationFields(_Wire):
+    schema_version: int
     item: ContentItem
     triage: TriageScores
     reason: EscalationReason
     policy_ids: list[str] = Field(..., min_length=1, description="Policies the reasoner must check.")
     ingested_at: AwareDatetime = Field(..., description="Broker timestamp of the item on content.incoming.")
     escalated_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class EscalationV1(_EscalationFields):
+    """Version 1 (before revisions), upgraded on read."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+
+    def upgrade(self) -> Escalation:
+        return Escalation(**{**self.model_dump(), "schema_version": 2, "revision": 1})
+
+
+class Escalation(_EscalationFields):
+    """An item triage could not settle, sent to ``moderation.escalations`` (key: ``content_id``)."""
+
+    schema_version: Literal[2] = Field(2, description="Wire version of this model.")
+    revision: int = Field(1, ge=1, description="The revision of the item (see Verdict.revision).")
 
 
 class ReviewReason(str, enum.Enum):
@@ -211,10 +251,8 @@ class ReviewReason(str, enum.Enum):
     APPEAL = "appeal"  # a decided item was appealed (created by the review service, never on the review topic)
 
 
-class ReviewTask(_Wire):
-    """A job for a human reviewer, on ``moderation.review`` (key: ``content_id``)."""
-
-    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+class _ReviewTaskFields(_Wire):
+    schema_version: int
     task_id: str = Field(..., description="Stable id; identical for redelivered copies.")
     item: ContentItem
     triage: TriageScores
@@ -223,6 +261,22 @@ class ReviewTask(_Wire):
     reasoner_calls: list[ReasonerCall] = Field(default_factory=list, description="What the model said, if anything.")
     ingested_at: AwareDatetime
     created_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class ReviewTaskV1(_ReviewTaskFields):
+    """Version 1 (before revisions), upgraded on read."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+
+    def upgrade(self) -> ReviewTask:
+        return ReviewTask(**{**self.model_dump(), "schema_version": 2, "revision": 1})
+
+
+class ReviewTask(_ReviewTaskFields):
+    """A job for a human reviewer, on ``moderation.review`` (key: ``content_id``)."""
+
+    schema_version: Literal[2] = Field(2, description="Wire version of this model.")
+    revision: int = Field(1, ge=1, description="The revision of the item under review (see Verdict.revision).")
 
 
 class DeadLetter(_Wire):
@@ -259,14 +313,8 @@ class ReviewAction(str, enum.Enum):
     APPEAL = "appeal"  # a decided item was re-queued for a second look
 
 
-class ReviewDecision(_Wire):
-    """One entry of the reviewers' audit log, on ``moderation.decisions`` (key: ``content_id``).
-
-    Carries who did what and why, never the content text. ``decision_id`` is the idempotency key: a republished
-    entry has the same id.
-    """
-
-    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+class _ReviewDecisionFields(_Wire):
+    schema_version: int
     decision_id: str = Field(..., description="Stable id of this audit entry.")
     content_id: str = Field(..., pattern=CONTENT_ID_PATTERN)
     task_id: str = Field(..., description="The review task acted on.")
@@ -293,6 +341,26 @@ class ReviewDecision(_Wire):
     occurred_at: AwareDatetime = Field(default_factory=utcnow)
 
 
+class ReviewDecisionV1(_ReviewDecisionFields):
+    """Version 1 (before revisions), upgraded on read."""
+
+    schema_version: Literal[1] = Field(1, description="Wire version of this model.")
+
+    def upgrade(self) -> ReviewDecision:
+        return ReviewDecision(**{**self.model_dump(), "schema_version": 2, "revision": 1})
+
+
+class ReviewDecision(_ReviewDecisionFields):
+    """One entry of the reviewers' audit log, on ``moderation.decisions`` (key: ``content_id``).
+
+    Carries who did what and why, never the content text. ``decision_id`` is the idempotency key: a republished
+    entry has the same id.
+    """
+
+    schema_version: Literal[2] = Field(2, description="Wire version of this model.")
+    revision: int = Field(1, ge=1, description="The revision of the item the actor judged (see Verdict.revision).")
+
+
 class AppealRequest(_Wire):
     """Body of ``POST /v1/appeals``: ask people to look again at a decided item."""
 
@@ -306,3 +374,30 @@ class AppealRequest(_Wire):
 
 WIRE_MODELS["ReviewDecision"] = ReviewDecision
 WIRE_MODELS["AppealRequest"] = AppealRequest
+
+
+# Older versions each current model still reads (side by side during a migration), upgraded on read.
+LEGACY_VERSIONS: dict[type[_Wire], dict[int, type[_Wire]]] = {
+    Verdict: {1: VerdictV1},
+    Escalation: {1: EscalationV1},
+    ReviewTask: {1: ReviewTaskV1},
+    ReviewDecision: {1: ReviewDecisionV1},
+}
+WireT = TypeVar("WireT", bound=_Wire)
+
+
+def validate_wire(model: type[WireT], data: Any) -> WireT:
+    """``model`` from decoded JSON, reading an older ``schema_version`` through its legacy model and upgrading it.
+
+    Raises pydantic's ValidationError like ``model.model_validate``.
+    """
+    if isinstance(data, dict):
+        legacy = LEGACY_VERSIONS.get(model, {}).get(data.get("schema_version"))  # type: ignore[arg-type]
+        if legacy is not None:
+            return legacy.model_validate(data).upgrade()  # type: ignore[attr-defined,no-any-return]
+    return model.model_validate(data)
+
+
+def parse_wire(model: type[WireT], raw: str | bytes) -> WireT:
+    """:func:`validate_wire` from JSON text (what the stores and topics hold)."""
+    return validate_wire(model, json.loads(raw))

@@ -9,6 +9,10 @@ Sources: the OpenAI moderation set (training + 5-fold CV), reviewer feedback exp
 (training), XSTest and HateCheck (evaluation only: false-positive traps; they carry only a binary label, kept in
 ``any_override`` with every category unknown).
 
+The public sets are not part of the project: they are read in place from the datasets folder
+(``Settings.datasets_dir``, ``MODPIPE_DATASETS_DIR``), which every loader takes as its argument. Provenance in a
+model card names each file relative to that folder, never a machine's path.
+
 Feedback format (``--feedback FILE``): JSON lines, one reviewer decision each::
 
     {"text": str, "label": 0|1, "categories": {"H": 0|1, ...},   # categories optional; missing = unknown
@@ -33,12 +37,14 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.datasets import DatasetNotFoundError, dataset_file  # noqa: F401 - the loaders raise DatasetNotFoundError
+
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-OPENAI_MODERATION_FILE = DATA_DIR / "openai_moderation" / "samples-1680.jsonl.gz"
-XSTEST_FILE = DATA_DIR / "xstest" / "xstest_prompts.csv"
-HATECHECK_FILE = DATA_DIR / "hatecheck" / "test_suite_cases.csv"
+#: Where each public set lies inside the datasets folder.
+OPENAI_MODERATION_FILE = Path("openai_moderation") / "samples-1680.jsonl.gz"
+XSTEST_FILE = Path("xstest") / "xstest_prompts.csv"
+HATECHECK_FILE = Path("hatecheck") / "test_suite_cases.csv"
 
 #: Category codes of the OpenAI moderation taxonomy, in the order the artefact stores them.
 CATEGORIES: tuple[str, ...] = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")
@@ -127,10 +133,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_openai_moderation(path: Path = OPENAI_MODERATION_FILE) -> LabelledSet:
-    """The OpenAI moderation evaluation set (1,680 rows, MIT; see ``data/PROVENANCE.md``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"OpenAI moderation data not found at {path}")
+def load_openai_moderation(datasets_dir: Path) -> LabelledSet:
+    """The OpenAI moderation evaluation set (1,680 rows, MIT; github openai/moderation-api-release, data/)."""
+    path = dataset_file(datasets_dir, OPENAI_MODERATION_FILE)
     texts: list[str] = []
     columns: dict[str, list[int]] = {c: [] for c in CATEGORIES}
     with gzip.open(path, "rt", encoding="utf-8") as handle:
@@ -151,38 +156,33 @@ def load_openai_moderation(path: Path = OPENAI_MODERATION_FILE) -> LabelledSet:
     logger.info("loaded %d rows from %s", len(texts), path)
     sha = file_sha256(path)
     return LabelledSet(name="openai_moderation", texts=texts, labels=labels, sha256=sha,
-                       sources=({"name": "openai_moderation", "file": _rel(path), "sha256": sha, "rows": len(texts),
-                                 "license": "MIT"},))
+                       sources=({"name": "openai_moderation", "file": OPENAI_MODERATION_FILE.as_posix(), "sha256": sha,
+                                 "rows": len(texts), "license": "MIT"},))
 
 
-def _rel(path: Path) -> str:
-    try:
-        return path.resolve().relative_to(DATA_DIR.parent.parent).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _binary_set(name: str, path: Path, texts: list[str], y: list[int], license_: str) -> LabelledSet:
+def _binary_set(name: str, path: Path, relative: Path, texts: list[str], y: list[int], license_: str) -> LabelledSet:
     sha = file_sha256(path)
     unknown = {c: np.full(len(texts), UNKNOWN, dtype=np.int8) for c in CATEGORIES}
     return LabelledSet(name=name, texts=texts, labels=unknown, sha256=sha, any_override=np.asarray(y, dtype=np.int8),
-                       sources=({"name": name, "file": _rel(path), "sha256": sha, "rows": len(texts),
+                       sources=({"name": name, "file": relative.as_posix(), "sha256": sha, "rows": len(texts),
                                  "license": license_},))
 
 
-def load_xstest(path: Path = XSTEST_FILE) -> LabelledSet:
-    """XSTest (450 prompts, CC-BY-4.0): 250 safe prompts that only look unsafe ("kill a Python process"), 200 unsafe."""
+def load_xstest(datasets_dir: Path) -> LabelledSet:
+    """XSTest (450 prompts, CC-BY-4.0): 250 safe prompts that only look unsafe (homonyms such as "kill"), 200 unsafe."""
+    path = dataset_file(datasets_dir, XSTEST_FILE)
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return _binary_set("xstest", path, [r["prompt"] for r in rows], [int(r["label"] == "unsafe") for r in rows],
-                       "CC-BY-4.0")
+    return _binary_set("xstest", path, XSTEST_FILE, [r["prompt"] for r in rows],
+                       [int(r["label"] == "unsafe") for r in rows], "CC-BY-4.0")
 
 
-def load_hatecheck(path: Path = HATECHECK_FILE) -> LabelledSet:
+def load_hatecheck(datasets_dir: Path) -> LabelledSet:
     """HateCheck functional tests (3,728 cases, CC-BY-4.0): hateful vs non-hateful, incl. counter-speech."""
+    path = dataset_file(datasets_dir, HATECHECK_FILE)
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return _binary_set("hatecheck", path, [r["test_case"] for r in rows],
+    return _binary_set("hatecheck", path, HATECHECK_FILE, [r["test_case"] for r in rows],
                        [int(r["label_gold"] == "hateful") for r in rows], "CC-BY-4.0")
 
 
@@ -215,17 +215,18 @@ def load_feedback(path: Path) -> LabelledSet:
     sha = file_sha256(Path(path))
     logger.info("loaded %d distinct reviewed texts from %s", len(texts), path)
     return LabelledSet(name="feedback", texts=texts, labels=labels, sha256=sha, any_override=y,
-                       sources=({"name": "feedback", "file": str(path), "sha256": sha, "rows": len(texts),
+                       # the file's name only: a model card never carries a machine's path (sha256 identifies it)
+                       sources=({"name": "feedback", "file": Path(path).name, "sha256": sha, "rows": len(texts),
                                  "license": "project-internal reviewer decisions"},))
 
 
 DATASETS = {"openai_moderation": load_openai_moderation, "xstest": load_xstest, "hatecheck": load_hatecheck}
 
 
-def load_dataset(name_or_file: str) -> LabelledSet:
-    """A shipped data set by name, or a JSON-lines file in the feedback format."""
+def load_dataset(name_or_file: str, datasets_dir: Path) -> LabelledSet:
+    """A public data set by name (read from ``datasets_dir``), or a JSON-lines file in the feedback format."""
     if name_or_file in DATASETS:
-        return DATASETS[name_or_file]()
+        return DATASETS[name_or_file](datasets_dir)
     path = Path(name_or_file)
     if not path.is_file():
         raise FileNotFoundError(f"{name_or_file} is neither a data set name ({', '.join(DATASETS)}) nor a file")

@@ -38,7 +38,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from pipeline.config import default_state_dir
+from pipeline.config import default_state_dir, load_settings
 from pipeline.router import TriageThresholds
 from pipeline.triage import ANY_HEAD, MODEL_CARD_FILE, EmbedderProtocol, LinearHead, make_embedder, write_artefact
 from triage_models.data import CATEGORIES, AnyLabelRule, LabelledSet, load_feedback, load_openai_moderation
@@ -262,18 +262,19 @@ def _metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "f1_at_0.5": float(f1_score(y, p >= 0.5)), "positives": int(y.sum()), "rows": int(len(y))}
 
 
-def train(output_dir: Path, *, target_accuracy: float = 0.97, seed: int = 0, progress: bool = True,
+def train(output_dir: Path, *, datasets_dir: Path, target_accuracy: float = 0.97, seed: int = 0, progress: bool = True,
           any_rule: AnyLabelRule = "known_zero", cache_dir: Path | None = None, embedder_backend: str = "onnx-int8",
           feedback: Path | None = None, high_risk_recall: dict[str, float] | None = None,
           confidence_z: float = CONFIDENCE_Z, max_seq_length: int = 256) -> dict[str, Any]:
     """Embed, cross-validate, fit the final heads on all rows, choose thresholds, write the artefact; the card.
 
+    ``datasets_dir``: the shared datasets folder (``Settings.datasets_dir``) holding the OpenAI moderation set.
     ``feedback``: reviewer decisions (JSON lines, format in :mod:`triage_models.data`) added to the training rows.
     ``high_risk_recall``: categories forced to escalate instead of auto-block at or above a level that catches the
     given out-of-fold recall (default: self-harm 0.95, sexual/minors 0.90); ``{}`` turns the override off.
     """
     started = time.perf_counter()
-    data = load_openai_moderation()
+    data = load_openai_moderation(datasets_dir)
     if feedback is not None:
         data = data.merged(load_feedback(feedback))
     high_risk_recall = dict(HIGH_RISK_RECALL if high_risk_recall is None else high_risk_recall)
@@ -464,10 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--embedder", choices=["onnx-int8", "torch"], default="onnx-int8")
     parser.add_argument("--feedback", type=Path, default=None)
+    parser.add_argument("--datasets-dir", type=Path, default=None,
+                        help="shared datasets folder (default: the MODPIPE_DATASETS_DIR setting)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    card = train(args.out, target_accuracy=args.target_accuracy, seed=args.seed, progress=not args.no_progress,
-                 any_rule=args.any_rule, embedder_backend=args.embedder, feedback=args.feedback)
+    datasets_dir = args.datasets_dir or load_settings().datasets_dir
+    card = train(args.out, datasets_dir=datasets_dir, target_accuracy=args.target_accuracy, seed=args.seed,
+                 progress=not args.no_progress, any_rule=args.any_rule, embedder_backend=args.embedder,
+                 feedback=args.feedback)
     m = card["metrics"]
     print(json.dumps({"version": card["version"], "roc_auc": m["roc_auc"], "pr_auc": m["pr_auc"], "f1": m["f1"],
                       "auto_accuracy": m["auto_accuracy"], "escalation_rate": m["escalation_rate"],

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import console, settings, setup_logging
+from pipeline.cli.common import console, fail, settings, setup_logging
 
 bench_app = typer.Typer(help="Benchmarks that write docs/BENCHMARKS.md.", no_args_is_help=True)
 
@@ -47,8 +47,11 @@ def bench_triage(
     from pipeline.harness.bench.triage import run_triage_bench
 
     logging.basicConfig(level=logging.WARNING)
-    run_triage_bench(settings(ctx), texts_n=texts, rounds=rounds, pipeline_items=pipeline_items,
-                     json_out=json_out, console=console, progress=progress)
+    try:
+        run_triage_bench(settings(ctx), texts_n=texts, rounds=rounds, pipeline_items=pipeline_items,
+                         json_out=json_out, console=console, progress=progress)
+    except FileNotFoundError as exc:  # the labelled data set it scores ROC-AUC on (MODPIPE_DATASETS_DIR)
+        fail(str(exc))
 
 
 @bench_app.command("reasoner")

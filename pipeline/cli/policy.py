@@ -3,7 +3,8 @@
 lint checks every folder (structure, output-format instructions stated and restated, escalation path, unique rule
 ids, 400-600 o200k tokens, examples and golden rows that cite real rules with matching labels) and exits 1 on any
 problem; test runs one policy's golden set against a reasoner endpoint and exits 1 when accuracy falls below
-``--min-accuracy``.
+``--min-accuracy``. Lint never reads the shared datasets folder; test resolves the golden references from it
+(``MODPIPE_DATASETS_DIR``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def policy_test(
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the full report here."),
 ) -> None:
     """Run POLICY's golden set against a reasoner: accuracy, F1, confusion matrix, tokens and latency."""
+    from pipeline.errors import PolicyError
     from pipeline.policies.golden import backend_for, parse_endpoint, run_golden
     from pipeline.schemas import Effort
 
@@ -79,8 +81,11 @@ def policy_test(
         fail(str(exc), code=2)
     api_key = configured.openai_api_key.get_secret_value() if configured.openai_api_key else None
     backend = backend_for(endpoint, timeout_s, api_key)
-    report = asyncio.run(run_golden(library, policy, backend, effort=chosen, concurrency=concurrency,
-                                    timeout_s=timeout_s))
+    try:
+        report = asyncio.run(run_golden(library, policy, backend, datasets_dir=settings(ctx).datasets_dir,
+                                        effort=chosen, concurrency=concurrency, timeout_s=timeout_s))
+    except PolicyError as exc:  # unknown policy, no golden set, a golden reference that does not resolve
+        fail(str(exc))
     c = report["confusion"]
     console.print(
         f"[bold]{policy}[/] {report['version']} on {report['model']} at effort {report['effort']}: "

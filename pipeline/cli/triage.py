@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import console, fail
+from pipeline.cli.common import console, fail, settings
 
 triage_app = typer.Typer(help="The triage classifier: train, evaluate, build its embedder.", no_args_is_help=True)
 
@@ -26,6 +26,7 @@ def _parse_high_risk(spec: str) -> dict[str, float]:
 
 @triage_app.command("train")
 def triage_train(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("triage_models/artifacts/current"), help="Artefact folder to write."),
     target_accuracy: float = typer.Option(0.97, help="Accuracy required of auto-decided items (nested CV)."),
     feedback: Optional[Path] = typer.Option(
@@ -40,16 +41,20 @@ def triage_train(
     seed: int = typer.Option(0),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train the triage heads on the shipped data (+ feedback), choose nested thresholds, write the artefact."""
+    """Train the triage heads on the OpenAI moderation set (+ feedback), choose nested thresholds, write the artefact.
+
+    The data set is read from the datasets folder (MODPIPE_DATASETS_DIR).
+    """
     from triage_models.train import train
 
     if feedback is not None and not feedback.is_file():
         fail(f"feedback file {feedback} does not exist")
     logging.basicConfig(level=logging.WARNING)
     try:
-        card = train(out, target_accuracy=target_accuracy, seed=seed, progress=progress, feedback=feedback,
-                     embedder_backend=embedder, high_risk_recall=_parse_high_risk(high_risk))
-    except ValueError as exc:
+        card = train(out, datasets_dir=settings(ctx).datasets_dir, target_accuracy=target_accuracy, seed=seed,
+                     progress=progress, feedback=feedback, embedder_backend=embedder,
+                     high_risk_recall=_parse_high_risk(high_risk))
+    except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         return
     m = card["metrics"]
@@ -62,8 +67,11 @@ def triage_train(
 
 @triage_app.command("eval")
 def triage_eval(
+    ctx: typer.Context,
     dataset: str = typer.Option(
-        "openai_moderation", help="openai_moderation | xstest | hatecheck, or a JSON-lines file (feedback format)."
+        "openai_moderation",
+        help="openai_moderation | xstest | hatecheck (read from MODPIPE_DATASETS_DIR), or a JSON-lines file "
+        "(feedback format).",
     ),
     cv: Optional[int] = typer.Option(None, "--cv", min=2, help="Train and score in K folds instead of using the artefact."),
     json_out: Path = typer.Option(Path("out/triage-eval.json"), "--json-out"),
@@ -79,8 +87,8 @@ def triage_eval(
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        report = evaluate(dataset, cv=cv, model_dir=model_dir, embedder_backend=embedder, progress=progress,
-                          plots_dir=plots_dir or json_out.parent)
+        report = evaluate(dataset, datasets_dir=settings(ctx).datasets_dir, cv=cv, model_dir=model_dir,
+                          embedder_backend=embedder, progress=progress, plots_dir=plots_dir or json_out.parent)
     except (FileNotFoundError, ValueError, TriageArtefactError) as exc:
         fail(str(exc))
         return

@@ -127,7 +127,7 @@ async def run_demo(items: int, json_out: Path | None, rate_per_s: float, timeout
                    console: Console) -> dict:
     async with pipeline_running(state_dir, console, "demo") as ctx:
         batch = sample_items(items, ctx.run_id)
-        console.print(f"[bold]publishing {items} items[/] from the OpenAI moderation sample at {rate_per_s:g}/s")
+        console.print(f"[bold]publishing {items} items[/] of the project's sample traffic at {rate_per_s:g}/s")
         t0 = time.monotonic()
         await publish_items(ctx, batch, rate_per_s)
         ids = [i.content_id for i in batch]

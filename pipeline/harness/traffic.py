@@ -1,32 +1,60 @@
-"""Sample traffic from the shipped datasets, and deliberately malformed messages for chaos runs."""
+"""Sample traffic the project wrote itself, and deliberately malformed messages for chaos runs.
+
+``sample_traffic.jsonl`` (next to this module) holds a few hundred short posts written for modpipe, one JSON
+object a line: ``{"text": str, "kind": "benign" | "spam" | "rude" | "violating" | "borderline"}``. About 70 %
+are benign (everyday chat, product questions, news talk, gaming banter); the rest are spam and scams, rude but
+allowed insults, mild synthetic violations (threats, hate against a protected group without slurs, self-harm
+encouragement, doxxing) and posts near a policy's boundary (quoted threats in news, homonyms such as killing a
+process, dark humour, counter-speech), so a demo run exercises allow, block, escalation and review. It is ours,
+so a fresh clone runs the demo, chaos, the benches and the e2e tests without the shared datasets folder.
+"""
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.config import PROJECT_ROOT
 from pipeline.schemas import ContentItem
 
-SAMPLE_DATASET = PROJECT_ROOT / "triage_models" / "data" / "openai_moderation" / "samples-1680.jsonl.gz"
+SAMPLE_TRAFFIC = Path(__file__).resolve().parent / "sample_traffic.jsonl"
 
 
-def sample_texts(n: int, seed: int = 0, dataset: Path = SAMPLE_DATASET) -> list[str]:
-    """``n`` texts drawn (with a fixed seed, repeating if needed) from the OpenAI moderation evaluation set."""
-    with gzip.open(dataset, "rt", encoding="utf-8") as fh:
-        texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+def sample_posts(path: Path = SAMPLE_TRAFFIC) -> list[dict[str, str]]:
+    """Every post of the sample file, in file order: ``{"text": ..., "kind": ...}``."""
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+#: Letters only, so ``@<handle><lap>`` can never spell another handle's prefix.
+_REPLY_HANDLES = ("mika", "dantheman", "sunnydays", "kt", "oldmate", "pixelpaws", "jobakes", "northstar")
+
+
+def sample_texts(n: int, seed: int = 0, dataset: Path = SAMPLE_TRAFFIC, *, distinct: bool = False) -> list[str]:
+    """``n`` texts drawn (with a fixed seed, repeating if needed) from the project's sample traffic.
+
+    ``distinct``: every pass over the pool after the first turns its posts into replies (``"@kt2 " + text``), so no
+    text repeats. Benches that need more texts than the pool holds use it: a repeated text would be served by the
+    embedding and verdict caches and flatter the numbers.
+    """
+    texts = [post["text"] for post in sample_posts(dataset)]
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    return [texts[order[i % len(order)]] for i in range(n)]
+    out = []
+    for i in range(n):
+        lap, index = divmod(i, len(order))
+        text = texts[order[index]]
+        if distinct and lap:
+            text = f"@{_REPLY_HANDLES[i % len(_REPLY_HANDLES)]}{lap} {text}"
+        out.append(text)
+    return out
 
 
-def sample_items(n: int, run_id: str, seed: int = 0) -> list[ContentItem]:
+def sample_items(n: int, run_id: str, seed: int = 0, *, distinct: bool = False) -> list[ContentItem]:
     return [
         ContentItem(content_id=f"{run_id}-{i:06d}", text=text, platform="demo", author_id=f"author-{i % 97}")
-        for i, text in enumerate(sample_texts(n, seed))
+        for i, text in enumerate(sample_texts(n, seed, distinct=distinct))
     ]
 
 

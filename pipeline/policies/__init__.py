@@ -14,12 +14,15 @@ from pipeline.policies.model import (
     SEVERITIES,
     Example,
     GoldenExample,
+    GoldenReferenceError,
     Policy,
     Rule,
     content_hash,
     count_tokens,
     load_policy,
     o200k_encoding,
+    reference_text,
+    resolve_golden,
 )
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "SEVERITIES",
     "Example",
     "GoldenExample",
+    "GoldenReferenceError",
     "Policy",
     "PolicyLibrary",
     "Rule",
@@ -35,4 +39,6 @@ __all__ = [
     "lint_policy",
     "load_policy",
     "o200k_encoding",
+    "reference_text",
+    "resolve_golden",
 ]

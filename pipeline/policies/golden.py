@@ -3,7 +3,8 @@
 Why: a policy is software, and its golden set is its test suite. An author changes the words, runs the golden set
 against the model that will enforce it (Triton with gpt-oss-safeguard, the CPU stand-in, or any
 OpenAI-compatible server such as ``vllm serve`` or Ollama) and sees accuracy, F1, the confusion matrix, which
-rows broke, the false-positive traps (rows copied from XSTest / HateCheck) and what it costs (tokens, latency).
+rows broke, the false-positive traps (safe rows that reference XSTest / HateCheck) and what it costs (tokens,
+latency). Referenced rows are resolved from the datasets folder (``MODPIPE_DATASETS_DIR``) before the first call.
 
 Every row is one call at one effort, with no cache and no escalation, so the numbers describe the policy text
 and the model, not the pipeline around them. A call that fails or answers unusably counts as wrong.
@@ -18,11 +19,13 @@ import asyncio
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.config import ReasonerSettings, TritonSettings
 from pipeline.errors import PolicyError
 from pipeline.policies import GoldenExample, Policy, PolicyLibrary
+from pipeline.policies.model import resolve_golden
 from pipeline.reports import percentile
 from pipeline.reasoner.backends import ReasonerBackend
 from pipeline.reasoner.backends.triton import HarmonyBackend, TritonGrpcTransport
@@ -88,7 +91,7 @@ def score(policy: Policy, results: list[RowResult]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn + sum(r.row.label == 1 for r in failed)) if results else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    traps = [r for r in results if r.row.label == 0 and r.row.source]
+    traps = [r for r in results if r.row.label == 0 and r.row.ref]
     latencies = sorted(r.call.latency_ms for r in results)
     tokens = [r.call.completion_tokens for r in results if r.call.completion_tokens is not None]
     return {
@@ -115,7 +118,7 @@ def score(policy: Policy, results: list[RowResult]) -> dict:
             "total": sum(tokens) if tokens else None,
         },
         "errors": [
-            {"text": r.row.text[:80], "label": r.row.label, "expected_rule": r.row.rule_id,
+            {"text": r.row.text[:80], "ref": r.row.ref, "label": r.row.label, "expected_rule": r.row.rule_id,
              "predicted": r.predicted, "cited": r.call.rule_ids + r.call.invalid_rule_ids,
              "confidence": r.call.confidence, "error": r.call.error}
             for r in results if not r.correct
@@ -128,14 +131,20 @@ async def run_golden(
     policy_id: str,
     backend: ReasonerBackend,
     *,
+    datasets_dir: Path,
     effort: Effort | None = None,
     concurrency: int = 8,
     timeout_s: float = 120.0,
 ) -> dict:
-    """Judge every golden row of ``policy_id`` once through ``backend`` and score the answers."""
+    """Judge every golden row of ``policy_id`` once through ``backend`` and score the answers.
+
+    ``datasets_dir`` (``Settings.datasets_dir``) holds the public sets the golden references point into; a
+    reference that does not resolve raises :class:`~pipeline.policies.model.GoldenReferenceError` before any call.
+    """
     policy = library.get(policy_id)
     if not policy.golden:
         raise PolicyError(f"policy {policy_id} has no golden set")
+    golden = resolve_golden(policy.golden, datasets_dir)
     effort = Effort(effort or policy.first_effort)
     triton = TritonSettings(max_in_flight=concurrency, request_timeout_s=timeout_s, max_attempts=2,
                             backoff_initial_s=0.2)
@@ -144,8 +153,8 @@ async def run_golden(
     async with reasoner:
         calls = await asyncio.gather(*(
             reasoner.call(ContentItem(content_id=f"golden-{i}", text=row.text), policy, effort)
-            for i, row in enumerate(policy.golden)
+            for i, row in enumerate(golden)
         ))
-    report = score(policy, [RowResult(row, call) for row, call in zip(policy.golden, calls)])
+    report = score(policy, [RowResult(row, call) for row, call in zip(golden, calls)])
     report.update({"effort": effort.value, "model": backend.model, "wall_s": round(time.perf_counter() - started, 2)})
     return report

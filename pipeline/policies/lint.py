@@ -1,8 +1,13 @@
-"""Policy lint: every way a policy departs from the gpt-oss-safeguard guide's advice, as sentences."""
+"""Policy lint: every way a policy departs from the gpt-oss-safeguard guide's advice, as sentences.
+
+Lint reads only the policy folder: golden references are checked by count, label and rule id, never resolved, so
+workers (which load policies strictly, through lint) start without the shared datasets folder.
+"""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from pipeline.policies.model import (
     HEDGE_WORDS,
@@ -80,7 +85,11 @@ def lint_policy(policy: Policy) -> list[str]:
     for g in policy.golden:
         rule = policy.rule(g.rule_id)
         if rule is None:
-            problems.append(f"golden row {g.text[:40]!r} cites unknown rule {g.rule_id}")
+            problems.append(f"golden row {g.name} cites unknown rule {g.rule_id}")
         elif rule.label != g.label:
-            problems.append(f"golden row {g.text[:40]!r}: label {g.label} disagrees with rule {g.rule_id}")
+            problems.append(f"golden row {g.name}: label {g.label} disagrees with rule {g.rule_id}")
+    counts = Counter(g.ref or g.text for g in policy.golden)
+    repeated = sorted({g.name for g in policy.golden if counts[g.ref or g.text] > 1})
+    if repeated:
+        problems.append(f"golden rows repeated: {', '.join(repeated)}")
     return problems

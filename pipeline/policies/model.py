@@ -10,22 +10,31 @@ otherwise surface as "invalid rule id" answers in production). Authors use ``str
 Folder layout: ``policy.md`` (cookbook structure, rule ids such as ``VI1.a`` / ``VI0.a``), ``metadata.toml``
 (id, name, severity, flags, scope, ``[effort]``) and ``golden.jsonl`` (labelled examples, at least 40).
 
+A golden row is either the project's own text or a *reference* to a row of a public data set (``"xstest:26"``):
+the project commits none of that text. Loading and linting never read the data sets (workers start without
+them); :func:`resolve_golden` reads the referenced texts from the datasets folder when a caller needs them
+(``modpipe policy test``, tests).
+
 Token length is measured with the o200k_harmony tokenizer (the ``quicktok`` package ships it offline) when it is
 installed, else estimated at four characters per token.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.datasets import DATASETS_SETTING, DatasetNotFoundError, dataset_file
 from pipeline.errors import PolicyError
 from pipeline.schemas import Effort, PolicyRef
 
@@ -44,6 +53,28 @@ RULE_ID = r"[A-Z]{2,4}\d+\.[a-z]+"
 _RULE_LINE = re.compile(rf"^\s*[-*]\s*\*\*(?P<id>{RULE_ID})\*\*\s*(?P<text>.+?)\s*$", re.MULTILINE)
 _EXAMPLE = re.compile(r'^Content:\s*"(?P<text>.*)"\s*\nAnswer:\s*(?P<answer>\{.*\})\s*$', re.MULTILINE)
 _SECTION = re.compile(r"^##\s+(?P<name>.+?)\s*$", re.MULTILINE)
+
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """A public data set golden rows may point into: ``<name>:<id>`` is the row whose ``id_column`` is ``id``."""
+
+    file: str  # inside the datasets folder
+    id_column: str
+    text_column: str
+
+
+#: The public sets golden references may name (both CC-BY-4.0; policies/PROVENANCE.md credits them).
+REFERENCE_SOURCES: dict[str, ReferenceSource] = {
+    "xstest": ReferenceSource("xstest/xstest_prompts.csv", "id", "prompt"),
+    "hatecheck": ReferenceSource("hatecheck/test_suite_cases.csv", "case_id", "test_case"),
+}
+_REF = re.compile(rf"^(?P<source>{'|'.join(REFERENCE_SOURCES)}):(?P<id>\w+)$")
+
+
+class GoldenReferenceError(PolicyError):
+    """A golden reference cannot be resolved: data set missing, unknown id, or not resolved before use."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +96,83 @@ class Example:
 
 @dataclass(frozen=True)
 class GoldenExample:
-    """A labelled row of ``golden.jsonl`` (never shown to the model; used to test the policy)."""
+    """A labelled row of ``golden.jsonl`` (never shown to the model; used to test the policy).
 
-    text: str
+    ``ref`` names a row of a public data set (``"xstest:26"``, ``"hatecheck:2622"``; see policies/PROVENANCE.md)
+    whose text stays in the datasets folder; ``content`` is the row's text: the project's own, or the
+    referenced one once :func:`resolve_golden` has read it. Label and rule id are always the project's.
+    """
+
     label: int
     rule_id: str
-    source: str = ""  # "xstest:26", "hatecheck:2622": copied from a public set (see policies/PROVENANCE.md)
+    ref: str = ""
+    content: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ref and self.content is None:
+            raise ValueError("a golden row needs a text or a reference")
+        if self.ref and not _REF.match(self.ref):
+            raise ValueError(f"reference {self.ref!r} is not <source>:<id> with a source in "
+                             f"{', '.join(REFERENCE_SOURCES)}")
+
+    @property
+    def text(self) -> str:
+        """The row's text; an unresolved reference raises instead of reading the data sets behind the caller."""
+        if self.content is None:
+            raise GoldenReferenceError(
+                f"golden row {self.ref} is a reference into a public data set and was not resolved: call "
+                f"resolve_golden(rows, datasets_dir) with the datasets folder ({DATASETS_SETTING})"
+            )
+        return self.content
+
+    @property
+    def name(self) -> str:
+        """How lint and reports name the row without resolving it: the reference, or the start of the text."""
+        return self.ref or repr(self.text[:40])
+
+
+def resolve_golden(rows: Iterable[GoldenExample], datasets_dir: Path) -> tuple[GoldenExample, ...]:
+    """``rows`` with every reference's text read from ``datasets_dir``; rows with their own text unchanged.
+
+    Raises :class:`GoldenReferenceError` naming the setting and the path when a data set is missing, and the
+    reference when its id is not in the data set.
+    """
+    out = []
+    for row in rows:
+        if row.content is None:
+            row = dataclasses.replace(row, content=reference_text(row.ref, datasets_dir))
+        out.append(row)
+    return tuple(out)
+
+
+def reference_text(ref: str, datasets_dir: Path) -> str:
+    """The text of the public data set row ``ref`` (``"xstest:26"``) in ``datasets_dir``."""
+    m = _REF.match(ref)
+    if m is None:
+        raise GoldenReferenceError(f"reference {ref!r} is not <source>:<id> with a source in "
+                                   f"{', '.join(REFERENCE_SOURCES)}")
+    source = REFERENCE_SOURCES[m.group("source")]
+    try:
+        path = dataset_file(datasets_dir, source.file)
+    except DatasetNotFoundError as exc:
+        raise GoldenReferenceError(f"golden reference {ref}: {exc}") from None
+    texts = _reference_table(str(path.resolve()), source.id_column, source.text_column)
+    try:
+        return texts[m.group("id")]
+    except KeyError:
+        raise GoldenReferenceError(f"golden reference {ref}: no row with {source.id_column} {m.group('id')} in "
+                                   f"{path} ({DATASETS_SETTING}); the data set changed or the id is wrong") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_table(path: str, id_column: str, text_column: str) -> dict[str, str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {id_column, text_column} - set(reader.fieldnames or ())
+        if missing:
+            raise GoldenReferenceError(f"{path} has no column {', '.join(sorted(missing))} ({DATASETS_SETTING})")
+        # HateCheck's cases end in a space; the golden row is the sentence.
+        return {row[id_column]: row[text_column].strip() for row in reader}
 
 
 @dataclass(frozen=True)
@@ -174,6 +276,7 @@ def parse_examples(text: str) -> tuple[Example, ...]:
 
 
 def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
+    """Rows as written: references stay unresolved (no data set is read here)."""
     if not path.exists():
         return ()
     rows: list[GoldenExample] = []
@@ -182,9 +285,15 @@ def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
             continue
         try:
             row = json.loads(line)
-            rows.append(
-                GoldenExample(str(row["text"]), int(row["label"]), str(row["rule_id"]), str(row.get("source", "")))
-            )
+            if ("text" in row) == ("ref" in row):
+                raise ValueError("needs exactly one of 'text' (our own) and 'ref' (a public data set's row)")
+            unknown = set(row) - {"text", "ref", "label", "rule_id"}
+            if unknown:
+                raise ValueError(f"unknown keys {', '.join(sorted(unknown))}")
+            rows.append(GoldenExample(
+                label=int(row["label"]), rule_id=str(row["rule_id"]), ref=str(row.get("ref", "")),
+                content=str(row["text"]) if "text" in row else None,
+            ))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise PolicyError(f"{path}: line {n} is not a golden row ({exc})") from exc
     return tuple(rows)

@@ -5,9 +5,8 @@ costs seconds of GPU time. The key is the hash of the *normalised* text, the pol
 the policy text, so any edit invalidates every entry of that policy) and the effort; the model name is part of
 the key as well, because a 20b answer is no evidence for a 120b deployment.
 
-Normalisation is deliberately conservative (Unicode NFKC, zero-width characters removed, runs of whitespace
-collapsed, ends stripped) so two texts share an entry only when a reader could not tell them apart; case is kept
-("KILL THEM" and "kill them" may read differently).
+Texts are normalised first (:mod:`pipeline.texts`), so two texts share an entry only when a reader could not tell
+them apart.
 
 Only usable answers are stored (no transport errors). The cache is an optimisation, never a dependency: when
 Redis fails, the call goes to the model and the failure is logged and counted. Two identical texts in flight at
@@ -18,35 +17,27 @@ answer as well.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from pipeline.config import RedisSettings
 from pipeline.schemas import Effort, ReasonerCall
+from pipeline.store.keys import Keyspace, Namespace
+from pipeline.texts import text_hash
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_SPACES = re.compile(r"\s+")
 KEY_VERSION = "v1"  # bump when the normalisation or the stored shape changes
-
-
-def normalise_text(text: str) -> str:
-    return _SPACES.sub(" ", _ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))).strip()
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()
+_UNPREFIXED = Keyspace("")
 
 
 def cache_key(text: str, policy_version: str, effort: Effort, model: str) -> str:
-    """``rcache:v1:<model>:<policy version>:<effort>:<sha256 of the normalised text>`` (no content in the key)."""
-    return f"rcache:{KEY_VERSION}:{model}:{policy_version}:{Effort(effort).value}:{text_hash(text)}"
+    """``rcache:v1:<model>:<policy version>:<effort>:<sha256 of the normalised text>`` (no content in the key;
+    the model name is encoded like every caller-chosen key part), without the store's prefix."""
+    return _UNPREFIXED.key(Namespace.VERDICT_CACHE, KEY_VERSION, model, policy_version, Effort(effort).value,
+                           text_hash(text))
 
 
 class VerdictCache(Protocol):

@@ -51,6 +51,9 @@ class DecisionBody(_Body):
     policy_id: str
     rule_id: str | None = None
     note: str = Field("", max_length=2000)
+    revision: int | None = Field(
+        None, ge=1, description="The revision the reviewer judged (the item view's `revision`); an edit since is a 409."
+    )
 
 
 class EscalateBody(_Body):
@@ -185,7 +188,8 @@ def create_app(settings: Settings, service: ReviewService | None = None) -> Fast
 
     @app.post("/v1/items/{content_id}/decision")
     async def decide(content_id: str, body: DecisionBody, who: Caller) -> dict[str, Any]:
-        verdict = await svc.decide(who, content_id, body.decision, body.policy_id, body.rule_id, body.note)
+        verdict = await svc.decide(who, content_id, body.decision, body.policy_id, body.rule_id, body.note,
+                                   body.revision)
         return verdict.model_dump(mode="json")
 
     @app.post("/v1/items/{content_id}/skip")

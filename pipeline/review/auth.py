@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.store import RedisStore
+from pipeline.store.keys import Namespace
 
 TOKEN_PREFIX = "mpr_"
 
@@ -65,7 +66,7 @@ class TokenStore:
         self._bootstrap = token_hash(bootstrap_admin_token) if bootstrap_admin_token else None
 
     def _tokens_key(self) -> str:
-        return self.store.key("review", "tokens")
+        return self.store.key(Namespace.REVIEW_TOKENS)
 
     async def create(self, principal_id: str, role: Role) -> str:
         """Make a token for ``principal_id``; returns the token itself (shown once, never stored)."""
@@ -108,18 +109,18 @@ class TokenStore:
         session = secrets.token_urlsafe(32)
         record = json.dumps({"id": principal.principal_id, "role": principal.role.value})
         await self.store.guard(
-            self.store.redis.set(self.store.key("review", "session", token_hash(session)), record, ex=ttl_s)
+            self.store.redis.set(self.store.key(Namespace.REVIEW_SESSION, token_hash(session)), record, ex=ttl_s)
         )
         return session
 
     async def session(self, session: str | None) -> Principal | None:
         if not session:
             return None
-        raw = await self.store.guard(self.store.redis.get(self.store.key("review", "session", token_hash(session))))
+        raw = await self.store.guard(self.store.redis.get(self.store.key(Namespace.REVIEW_SESSION, token_hash(session))))
         if raw is None:
             return None
         data = json.loads(raw)
         return Principal(data["id"], Role(data["role"]))
 
     async def close_session(self, session: str) -> None:
-        await self.store.guard(self.store.redis.delete(self.store.key("review", "session", token_hash(session))))
+        await self.store.guard(self.store.redis.delete(self.store.key(Namespace.REVIEW_SESSION, token_hash(session))))

@@ -16,8 +16,14 @@ Layout (every key under the store's prefix):
   feedback from it.
 
 Every transition is one Lua script, so two reviewers can never hold the same item and an action by someone who
-does not hold the item changes nothing. The scripts build keys from the prefix, so they need a single Redis (or
-one hash slot), like the rest of the store.
+does not hold the item changes nothing. The scripts build keys from the prefix and the namespaces of
+:mod:`pipeline.store.keys`, so they need a single Redis (or one hash slot), like the rest of the store. Content ids
+and policy ids reach the scripts encoded (:func:`~pipeline.store.keys.encode_part`): ids are members and key parts
+only in that form, and are decoded when they come back.
+
+One task per item: a newer *revision* of the item (an edit) replaces the task of an older one, whatever state it
+was in (what reviewers were deciding about the old text is moot); a task of the same or an older revision is a
+redelivery and changes nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pipeline.errors import StoreUnavailable
+from pipeline.errors import RetryableError, StoreUnavailable
 from pipeline.policies.model import SEVERITIES
-from pipeline.schemas import ReviewDecision, ReviewTask
-from pipeline.store import RedisStore
+from pipeline.schemas import ReviewDecision, ReviewTask, parse_wire
+from pipeline.store.keys import Namespace, decode_part, encode_part
+from pipeline.store.redis import RedisStore
+
+
+class ReviewBusy(RetryableError):
+    """A task cannot be replaced yet: the decision on the item's older revision is still being published."""
 
 # Claim order: the most severe queue first (critical 0 ... low 3); the claim script gets the same table.
 SEVERITY_RANK = {severity: rank for rank, severity in enumerate(reversed(SEVERITIES))}
@@ -59,13 +70,24 @@ local function reap(now)
 end
 """
 
-# ARGV: prefix, cid, task_json, queue, score, now
+# ARGV: prefix, cid, task_json, queue, score, now, revision. Returns 1 (queued), 0 (known), -1 (busy: the older
+# revision's decision is still being published; try again shortly).
 _ENQUEUE = _LUA_COMMON + """
-local cid, task, q, score, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local cid, task, q, score, now, revision = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local tk = tkey(cid)
-if redis.call('EXISTS', tk) == 1 then return 0 end
+local state, stored, done, old_q = unpack(redis.call('HMGET', tk, 'state', 'revision', 'done', 'queue'))
+if state then
+  stored = tonumber(stored) or 1
+  if revision <= stored then return 0 end
+  if state == 'decided' and done ~= '1' then return -1 end
+  if old_q then redis.call('ZREM', qkey(old_q), cid) end
+  redis.call('ZREM', P .. 'review:leases', cid)
+  redis.call('DEL', P .. 'review:excl:' .. cid)
+  redis.call('PERSIST', tk)
+  redis.call('HDEL', tk, 'supersedes', 'verdict', 'decided_by', 'decided_at')
+end
 redis.call('HSET', tk, 'task', task, 'state', 'pending', 'queue', q, 'score', score, 'round', '0',
-           'holder', '', 'lease_until', '0', 'enqueued_at', now)
+           'revision', revision, 'holder', '', 'lease_until', '0', 'enqueued_at', now, 'done', '0')
 redis.call('ZADD', qkey(q), score, cid)
 redis.call('SADD', P .. 'review:queues', q)
 return 1
@@ -147,15 +169,21 @@ redis.call('ZADD', qkey(q), redis.call('HGET', tk, 'score'), cid)
 return {'ok'}
 """
 
-# ARGV: prefix, cid, now, task_json ('' = keep stored), queue, exclude ('' = nobody), supersedes, log_json, maxlen
+# ARGV: prefix, cid, now, task_json ('' = keep stored), queue, exclude ('' = nobody), supersedes, log_json, maxlen,
+#       revision (of the verdict appealed)
 _APPEAL = _LUA_COMMON + """
-local cid, now, task, q, exclude, supersedes = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local cid, now, task, q, exclude, supersedes, revision = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[10]
 local tk = tkey(cid)
-local state, done = unpack(redis.call('HMGET', tk, 'state', 'done'))
+local state, done, stored = unpack(redis.call('HMGET', tk, 'state', 'done', 'revision'))
+if state and (tonumber(stored) or 1) ~= tonumber(revision) then
+  if task == '' then return {'no_item'} end
+  state = nil  -- the stored task is about another revision: the appeal brings the text it is about
+  redis.call('HSET', tk, 'round', '0')
+end
 if state == 'pending' or state == 'claimed' then return {'open'} end
 if state == 'decided' and done ~= '1' then return {'busy'} end
 if not state and task == '' then return {'no_item'} end
-if task ~= '' and not state then redis.call('HSET', tk, 'task', task) end
+if task ~= '' and not state then redis.call('HSET', tk, 'task', task, 'revision', revision) end
 local round = redis.call('HINCRBY', tk, 'round', 1)
 redis.call('PERSIST', tk)
 redis.call('HSET', tk, 'state', 'pending', 'queue', q, 'score', now, 'holder', '', 'lease_until', '0',
@@ -220,7 +248,16 @@ class QueueCount:
 
 
 def queue_name(severity: str, policy_id: str) -> str:
-    return f"{severity}:{policy_id}"
+    """``<severity>:<policy id>``, the policy id encoded (it becomes part of the queue's key)."""
+    return f"{severity}:{encode_part(policy_id)}"
+
+
+def _split_queue(name: str) -> tuple[str, str]:
+    """(severity, policy id) of a queue name; ("", "") for the admin queue."""
+    if name == ADMIN_QUEUE:
+        return "", ""
+    severity, _, policy = name.partition(":")
+    return severity, decode_part(policy)
 
 
 def queue_for(task: ReviewTask, severities: dict[str, str]) -> str:
@@ -253,10 +290,10 @@ class ReviewQueue:
 
     @property
     def prefix(self) -> str:
-        return self.store.key("")
+        return self.store.keys.prefix
 
     def _task_key(self, content_id: str) -> str:
-        return self.store.key("review", "task", content_id)
+        return self.store.key(Namespace.REVIEW_TASK, content_id)
 
     async def _run(self, script, args: list[Any]):  # type: ignore[no-untyped-def]
         return await self.store.guard(script(keys=[], args=[self.prefix, *args]))
@@ -264,12 +301,16 @@ class ReviewQueue:
     # -- intake -----------------------------------------------------------------------------------------------
 
     async def enqueue(self, task: ReviewTask) -> bool:
-        """Queue a task unless its item already has one (pending or decided). True if added."""
+        """Queue a task unless its item has one of the same or a newer revision. True if added (a task of an
+        older revision is replaced). :class:`ReviewBusy` while the older revision's decision is being published."""
         queue = queue_for(task, self.severities)
-        added = await self._run(
+        added = int(await self._run(
             self._enqueue,
-            [task.item.content_id, task.model_dump_json(), queue, f"{task.created_at.timestamp():.6f}", time.time()],
-        )
+            [encode_part(task.item.content_id), task.model_dump_json(), queue, f"{task.created_at.timestamp():.6f}",
+             time.time(), task.revision],
+        ))
+        if added < 0:
+            raise ReviewBusy(f"{task.item.content_id}: the decision on an older revision is still being published")
         return bool(added)
 
     # -- claims -----------------------------------------------------------------------------------------------
@@ -284,12 +325,12 @@ class ReviewQueue:
         )
         if not result:
             return None
-        return Claim(content_id=_s(result[0]) or "", lease_until=float(_s(result[1]) or 0))
+        return Claim(content_id=decode_part(_s(result[0]) or ""), lease_until=float(_s(result[1]) or 0))
 
     async def _held_action(self, action: str, content_id: str, reviewer: str, *extra: Any,
                            now: float | None = None) -> list[str]:
         result = await self._run(
-            self._held, [content_id, reviewer, now if now is not None else time.time(), action, *extra]
+            self._held, [encode_part(content_id), reviewer, now if now is not None else time.time(), action, *extra]
         )
         return [_s(r) or "" for r in result]
 
@@ -327,15 +368,15 @@ class ReviewQueue:
         redis = self.store.redis
         pipe = redis.pipeline(transaction=True)
         pipe.hset(self._task_key(content_id), "done", "1")
-        pipe.srem(self.store.key("review", "undone"), content_id)
+        pipe.srem(self.store.key(Namespace.REVIEW_UNDONE), encode_part(content_id))
         pipe.expire(self._task_key(content_id), keep_s)
-        pipe.expire(self.store.key("review", "hist", content_id), keep_s)
+        pipe.expire(self.store.key(Namespace.REVIEW_HISTORY, content_id), keep_s)
         await self.store.guard(pipe.execute())
 
     async def undone(self) -> list[str]:
         """Items decided but not yet confirmed published (a crash between the two): the service finishes them."""
-        members = await self.store.guard(self.store.redis.smembers(self.store.key("review", "undone")))
-        return sorted(_s(m) or "" for m in members)
+        members = await self.store.guard(self.store.redis.smembers(self.store.key(Namespace.REVIEW_UNDONE)))
+        return sorted(decode_part(_s(m) or "") for m in members)
 
     async def reap(self, now: float | None = None) -> int:
         """Return expired claims to their queues now (claims also do this)."""
@@ -344,20 +385,28 @@ class ReviewQueue:
     # -- appeals ----------------------------------------------------------------------------------------------
 
     async def appeal(self, content_id: str, *, task: ReviewTask | None, exclude: str | None, supersedes: str,
-                     entry: ReviewDecision, now: float | None = None) -> tuple[str, int]:
-        """Re-queue a decided item for another look. Returns (outcome, round): ok, open, busy or no_item."""
+                     entry: ReviewDecision, revision: int, now: float | None = None) -> tuple[str, int]:
+        """Re-queue a decided item revision for another look. Returns (outcome, round): ok, open, busy or no_item.
+
+        ``task`` (built from the appeal's item) is used when no task of ``revision`` is stored."""
         stored = await self.get(content_id)
-        source = stored.task if stored else task
+        usable = stored if stored is not None and stored.task.revision == revision else None
+        source = usable.task if usable else task
         queue = queue_for(source, self.severities) if source else queue_name("medium", "unknown")
         result = await self._run(
             self._appeal,
-            [content_id, now if now is not None else time.time(), "" if stored or task is None else task.model_dump_json(),
-             queue, exclude or "", supersedes, entry.model_dump_json(), LOG_MAXLEN],
+            [encode_part(content_id), now if now is not None else time.time(),
+             "" if usable or task is None else task.model_dump_json(), queue, exclude or "", supersedes,
+             entry.model_dump_json(), LOG_MAXLEN, revision],
         )
         result = [_s(r) or "" for r in result]
         return result[0], int(result[1]) if len(result) > 1 else 0
 
     # -- reading ----------------------------------------------------------------------------------------------
+
+    def _queue_key(self, name: str) -> str:
+        # Queue names are built by queue_name (severity from a fixed set, policy id encoded): already key-safe.
+        return self.store.keys.prefix + Namespace.REVIEW_QUEUE.value + ":" + name
 
     async def get(self, content_id: str) -> TaskState | None:
         fields = await self.store.guard(self.store.redis.hgetall(self._task_key(content_id)))
@@ -366,7 +415,7 @@ class ReviewQueue:
         f = {k.decode(): v.decode() for k, v in fields.items()}
         lease = float(f.get("lease_until") or 0)
         return TaskState(
-            task=ReviewTask.model_validate_json(f["task"]),
+            task=parse_wire(ReviewTask, f["task"]),
             state=f.get("state", "pending"),
             queue=f.get("queue", ""),
             enqueued_at=float(f.get("score") or 0),
@@ -381,15 +430,15 @@ class ReviewQueue:
 
     async def history(self, content_id: str) -> list[ReviewDecision]:
         """Every action on the item so far (decisions, escalations, appeals), oldest first."""
-        raw = await self.store.guard(self.store.redis.lrange(self.store.key("review", "hist", content_id), 0, -1))
-        return [ReviewDecision.model_validate_json(r) for r in raw]
+        raw = await self.store.guard(self.store.redis.lrange(self.store.key(Namespace.REVIEW_HISTORY, content_id), 0, -1))
+        return [parse_wire(ReviewDecision, r) for r in raw]
 
     async def excluded(self, content_id: str) -> set[str]:
-        members = await self.store.guard(self.store.redis.smembers(self.store.key("review", "excl", content_id)))
+        members = await self.store.guard(self.store.redis.smembers(self.store.key(Namespace.REVIEW_EXCLUDED, content_id)))
         return {_s(m) or "" for m in members}
 
     async def queues(self) -> list[str]:
-        members = await self.store.guard(self.store.redis.smembers(self.store.key("review", "queues")))
+        members = await self.store.guard(self.store.redis.smembers(self.store.key(Namespace.REVIEW_QUEUES)))
         return sorted((_s(m) or "" for m in members), key=_queue_order)
 
     async def counts(self, now: float | None = None) -> tuple[list[QueueCount], int]:
@@ -400,15 +449,15 @@ class ReviewQueue:
         names = await self.queues()
         pipe = redis.pipeline(transaction=False)
         for name in names:
-            key = self.store.key("review", "q", name)
+            key = self._queue_key(name)
             pipe.zcard(key)
             pipe.zrange(key, 0, 0, withscores=True)
-        pipe.zcard(self.store.key("review", "leases"))
+        pipe.zcard(self.store.key(Namespace.REVIEW_LEASES))
         raw = await self.store.guard(pipe.execute())
         counts = []
         for i, name in enumerate(names):
             total, head = raw[2 * i], raw[2 * i + 1]
-            severity, _, policy = name.partition(":") if name != ADMIN_QUEUE else ("", "", "")
+            severity, policy = _split_queue(name)
             counts.append(QueueCount(name, severity, policy, int(total), now - head[0][1] if head else None))
         return counts, int(raw[-1])
 
@@ -418,9 +467,9 @@ class ReviewQueue:
         heads: list[tuple[float, str]] = []
         for name in await self.queues():
             for cid, score in await self.store.guard(
-                redis.zrange(self.store.key("review", "q", name), 0, limit - 1, withscores=True)
+                redis.zrange(self._queue_key(name), 0, limit - 1, withscores=True)
             ):
-                heads.append((score, _s(cid) or ""))
+                heads.append((score, decode_part(_s(cid) or "")))
         heads.sort()
         tasks = []
         for _, cid in heads[:limit]:
@@ -435,20 +484,20 @@ class ReviewQueue:
 
     async def log_entries(self, count: int | None = None) -> list[ReviewDecision]:
         """The audit log, oldest first (bounded by ``LOG_MAXLEN``)."""
-        key = self.store.key("review", "log")
+        key = self.store.key(Namespace.REVIEW_LOG)
         raw = await self.store.guard(self.store.redis.xrange(key, count=count))
-        return [ReviewDecision.model_validate_json(fields[b"entry"]) for _, fields in raw]
+        return [parse_wire(ReviewDecision, fields[b"entry"]) for _, fields in raw]
 
     async def log_after(self, last_id: str, count: int = 500) -> list[tuple[str, ReviewDecision]]:
-        key = self.store.key("review", "log")
+        key = self.store.key(Namespace.REVIEW_LOG)
         raw = await self.store.guard(self.store.redis.xrange(key, min=f"({last_id}" if last_id else "-", count=count))
-        return [(_s(i) or "", ReviewDecision.model_validate_json(fields[b"entry"])) for i, fields in raw]
+        return [(_s(i) or "", parse_wire(ReviewDecision, fields[b"entry"])) for i, fields in raw]
 
 
 def _queue_order(name: str) -> tuple[int, str]:
     if name == ADMIN_QUEUE:
         return (-1, name)
-    severity, _, policy = name.partition(":")
+    severity, policy = _split_queue(name)
     return (SEVERITY_RANK.get(severity, 9), policy)
 
 
@@ -464,8 +513,9 @@ def json_or_none(text: str | None) -> dict[str, Any] | None:
 class InMemoryReviewInbox:
     """The intake side of :class:`ReviewQueue` in memory: one task per item, in its severity queue.
 
-    Imitates the enqueue script: a second task for an item that has one (pending or decided) is refused.
-    ``available = False`` makes enqueue raise :class:`~pipeline.errors.StoreUnavailable`, as a Redis outage does.
+    Imitates the enqueue script: a task of the same or an older revision than the item's stored one is refused, a
+    newer revision replaces it. ``available = False`` makes enqueue raise :class:`~pipeline.errors.StoreUnavailable`,
+    as a Redis outage does.
     """
 
     def __init__(self, severities: dict[str, str] | None = None) -> None:
@@ -476,7 +526,8 @@ class InMemoryReviewInbox:
     async def enqueue(self, task: ReviewTask) -> bool:
         if not self.available:
             raise StoreUnavailable("in-memory review inbox marked unavailable")
-        if task.item.content_id in self.tasks:
+        stored = self.tasks.get(task.item.content_id)
+        if stored is not None and task.revision <= stored[1].revision:
             return False
         self.tasks[task.item.content_id] = (queue_for(task, self.severities), task)
         return True

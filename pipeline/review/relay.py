@@ -13,6 +13,7 @@ import logging
 
 from pipeline.effects import MessageSink
 from pipeline.review.queue import ReviewQueue
+from pipeline.store.keys import Namespace
 from pipeline.store.redis import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,13 @@ class AuditRelay:
     async def relay_once(self, batch: int = 500) -> int:
         """Relay new audit-log entries; returns how many (0 while another instance holds the lease)."""
         redis = self.store.redis
-        lock = self.store.key("review", "relay", "lock")
+        lock = self.store.key(Namespace.REVIEW_RELAY_LOCK)
         if not await self.store.guard(redis.set(lock, self.instance_id, nx=True, px=LEASE_MS)):
             holder = await self.store.guard(redis.get(lock))
             if holder is None or holder.decode() != self.instance_id:
                 return 0
             await self.store.guard(redis.pexpire(lock, LEASE_MS))
-        cursor_key = self.store.key("review", "relay", "cursor")
+        cursor_key = self.store.key(Namespace.REVIEW_RELAY_CURSOR)
         relayed = 0
         while True:
             last = await self.store.guard(redis.get(cursor_key))

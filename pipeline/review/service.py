@@ -2,9 +2,10 @@
 
 HTTP-free, so the web API, the CLI and the tests share one implementation. A decision goes through the effect
 ledger like every other verdict (:class:`~pipeline.effects.Effects`): first record wins, publish the stored
-payload, mark it published. A first review records under the item's ``content_id`` (so a reviewer and a late
-reasoner can never both publish a final verdict); the outcome of the n-th appeal records under
-``appeal:<content_id>:<n>`` with ``supersedes`` set, and moves visibility only over the verdict it supersedes.
+payload, mark it published. A first review records in the item revision's slot (:func:`~pipeline.store.item_effect`,
+so a reviewer and a late reasoner can never both publish a final verdict for one revision); the outcome of the n-th
+appeal records in its own slot (:func:`~pipeline.store.appeal_effect`) with ``supersedes`` set, and moves visibility
+only over the verdict it supersedes. Every decision names the revision it judged.
 
 Each action is appended to the audit log in the same atomic step as the state change; :mod:`pipeline.review.relay`
 publishes it to ``moderation.decisions``. The service does not consume Kafka: the ``review-intake`` worker fills the queues from ``moderation.review``.
@@ -49,9 +50,10 @@ from pipeline.schemas import (
     TriageScores,
     Verdict,
     VerdictStatus,
+    parse_wire,
     utcnow,
 )
-from pipeline.store import EffectKind, RedisStore, Visibility, redis_client
+from pipeline.store import EffectKind, RedisStore, Visibility, appeal_effect, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ class ReviewService:
             "queue": state.queue,
             "holder": state.holder,
             "lease_until": state.lease_until,
+            "revision": task.revision,
             "appeal_round": state.round,
             "supersedes": superseded,
             "history": [e.model_dump(mode="json") for e in await self.queue.history(content_id)],
@@ -229,8 +232,10 @@ class ReviewService:
             raise Invalid(f"rule {rule_id} is a VIOLATES rule; an allow cites a SAFE rule or none")
 
     async def decide(self, principal: Principal, content_id: str, decision: str, policy_id: str,
-                     rule_id: str | None = None, note: str = "") -> Verdict:
-        """Publish the final verdict for an item the caller holds; a retried request gets the same verdict."""
+                     rule_id: str | None = None, note: str = "", revision: int | None = None) -> Verdict:
+        """Publish the final verdict for an item the caller holds; a retried request gets the same verdict.
+
+        ``revision`` (what the reviewer saw) must be the revision under review: an edit since is a 409."""
         self._require_reviewer(principal)
         if decision not in DECISIONS:
             raise Invalid(f"decision must be one of {sorted(DECISIONS)}")
@@ -240,6 +245,9 @@ class ReviewService:
         if state is None:
             raise NotFound(f"no review task for {content_id}")
         task = state.task
+        if revision is not None and revision != task.revision:
+            raise Conflict(f"{content_id} was edited: revision {task.revision} is under review, not {revision}",
+                           revision=task.revision)
         vis = await self.store.visibility(content_id)
         superseded = vis.verdict if state.supersedes and vis.verdict and vis.verdict.verdict_id == state.supersedes else None
         machine_violation, machine_source = machine_view(task, superseded)
@@ -250,15 +258,16 @@ class ReviewService:
             except PolicyError:
                 continue
         rationale = f"human review: {decision} under {policy_id}" + (f" ({rule_id})" if rule_id else "")
+        supersedes = state.supersedes or await self.effects.superseded(content_id, task.revision)
         verdict = Verdict.final(
-            content_id, chosen, Stage.REVIEW,
+            content_id, chosen, Stage.REVIEW, revision=task.revision, platform=task.item.platform,
             triage=task.triage,
             policies=refs,
             reasoner_calls=task.reasoner_calls,
             rule_ids=[rule_id] if rule_id else [],
             rationale=rationale + (f": {note}" if note else ""),
             reviewer_id=principal.principal_id,
-            supersedes=state.supersedes,
+            supersedes=supersedes,
             latency=Latency(
                 triage_ms=task.triage.latency_ms,
                 reasoner_ms=sum(c.latency_ms for c in task.reasoner_calls) or None,
@@ -268,8 +277,8 @@ class ReviewService:
         entry = ReviewDecision(
             decision_id=uuid.uuid4().hex, content_id=content_id, task_id=task.task_id, action=ReviewAction.DECIDE,
             actor_id=principal.principal_id, actor_role=principal.role.value, decision=chosen, policy_id=policy_id,
-            rule_id=rule_id, note=note, verdict_id=verdict.verdict_id, supersedes=state.supersedes,
-            appeal_round=state.round, model_violation=machine_violation, model_source=machine_source,
+            rule_id=rule_id, note=note, verdict_id=verdict.verdict_id, supersedes=supersedes,
+            appeal_round=state.round, revision=task.revision, model_violation=machine_violation, model_source=machine_source,
             model_answers=model_answers(task),
         )
         outcome, payload, done = await self.queue.record_decision(
@@ -281,7 +290,7 @@ class ReviewService:
             metrics_count_action("decide", outcome.value)
             raise Conflict(f"{content_id} is not held by {principal.principal_id} ({outcome.value})")
         assert payload is not None
-        stored = Verdict.model_validate_json(payload)
+        stored = parse_wire(Verdict, payload)
         if not done:
             published = await self._publish_decision(stored, state.round)
             if published.verdict_id != stored.verdict_id:
@@ -299,19 +308,15 @@ class ReviewService:
         """Record, publish and apply a decided verdict; returns the verdict that stands (normally this one)."""
         cid = verdict.content_id
         if round_ == 0:
-            created = await self.effects.emit(EffectKind.FINAL, cid, cid, verdict.to_bytes(), verdict)
-            standing = verdict
-            if not created:
-                recorded = await self.store.recorded(EffectKind.FINAL, cid)
-                standing = Verdict.model_validate_json(recorded.payload) if recorded else verdict
-                if standing.verdict_id != verdict.verdict_id:
-                    logger.warning("review: %s was decided by %s before the reviewer; their decision is void",
-                                cid, standing.stage.value)
+            standing = await self.effects.verdict(verdict)
+            if standing.verdict_id != verdict.verdict_id:
+                logger.warning("review: %s r%d was decided by %s before the reviewer; their decision is void",
+                               cid, verdict.revision, standing.stage.value)
         else:
-            effect_id = f"appeal:{cid}:{round_}"
+            effect_id = appeal_effect(cid, verdict.revision, round_)
             await self.effects.emit(EffectKind.FINAL, effect_id, cid, verdict.to_bytes())
             recorded = await self.store.recorded(EffectKind.FINAL, effect_id)
-            standing = Verdict.model_validate_json(recorded.payload) if recorded else verdict
+            standing = parse_wire(Verdict, recorded.payload) if recorded else verdict
             if standing.supersedes:
                 await self.store.visibility_after_appeal(cid, standing, standing.supersedes)
         if standing.verdict_id == verdict.verdict_id:
@@ -368,17 +373,17 @@ class ReviewService:
                 task_id=uuid.uuid4().hex, item=request.item,
                 triage=current.triage or TriageScores(model_version="none", violation=0.0, latency_ms=0.0),
                 reason=ReviewReason.APPEAL, policy_ids=policy_ids, reasoner_calls=current.reasoner_calls,
-                ingested_at=utcnow(),
+                ingested_at=utcnow(), revision=current.revision,
             )
         entry = ReviewDecision(
             decision_id=uuid.uuid4().hex, content_id=cid, task_id=task.task_id if task else "stored",
             action=ReviewAction.APPEAL, actor_id=principal.principal_id, actor_role=principal.role.value,
-            note=request.reason, supersedes=current.verdict_id,
+            note=request.reason, supersedes=current.verdict_id, revision=current.revision,
             model_violation=current.decision is Decision.BLOCK, model_source=current.stage.value,
         )
         outcome, round_ = await self.queue.appeal(
             cid, task=task, exclude=current.reviewer_id if current.stage is Stage.REVIEW else None,
-            supersedes=current.verdict_id, entry=entry,
+            supersedes=current.verdict_id, entry=entry, revision=current.revision,
         )
         metrics_count_action("appeal", outcome)
         if outcome == "open":
@@ -389,8 +394,8 @@ class ReviewService:
             raise Invalid(f"the pipeline keeps no copy of {cid}: send the item with the appeal")
         logger.info("review: %s appealed %s (round %d, supersedes %s)", principal.principal_id, cid, round_,
                  current.verdict_id)
-        return {"content_id": cid, "appeal_round": round_, "supersedes": current.verdict_id,
-                "excluded_reviewer": current.reviewer_id if current.stage is Stage.REVIEW else None}
+        return {"content_id": cid, "revision": current.revision, "appeal_round": round_,
+                "supersedes": current.verdict_id, "excluded_reviewer": current.reviewer_id if current.stage is Stage.REVIEW else None}
 
     # -- platforms, stats, feedback -------------------------------------------------------------------------------
 
@@ -402,6 +407,7 @@ class ReviewService:
             "content_id": content_id,
             "state": record.state.name,
             "final": record.final,
+            "revision": record.revision,
             "verdict": record.verdict.model_dump(mode="json") if record.verdict else None,
         }
         if record.state is Visibility.HIDDEN_PENDING and record.verdict is not None:
@@ -434,7 +440,7 @@ class ReviewService:
             state = await self.queue.get(cid)
             if state is None or state.verdict_json is None:
                 continue
-            verdict = Verdict.model_validate_json(state.verdict_json)
+            verdict = parse_wire(Verdict, state.verdict_json)
             if (utcnow() - verdict.decided_at).total_seconds() < min_age_s:
                 continue  # probably still being published by the request that decided it
             await self._publish_decision(verdict, state.round)

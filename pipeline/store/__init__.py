@@ -4,18 +4,35 @@
 :mod:`~pipeline.store.memory` an in-memory one with the same semantics.
 """
 
-from pipeline.store.base import EffectKind, Recorded, StateStore, Visibility, VisibilityRecord, visibility_for
+from pipeline.store.base import (
+    EffectId,
+    EffectKind,
+    Recorded,
+    Revision,
+    StateStore,
+    Visibility,
+    VisibilityRecord,
+    appeal_effect,
+    item_effect,
+    message_effect,
+    visibility_for,
+)
 from pipeline.store.memory import InMemoryStore
 from pipeline.store.redis import RedisStore, redis_client
 
 __all__ = [
+    "EffectId",
     "EffectKind",
     "InMemoryStore",
     "Recorded",
     "RedisStore",
+    "Revision",
     "StateStore",
     "Visibility",
     "VisibilityRecord",
+    "appeal_effect",
+    "item_effect",
+    "message_effect",
     "redis_client",
     "visibility_for",
 ]

@@ -6,7 +6,13 @@ later attempts get the stored one back. It then publishes the stored payload and
 redelivered message therefore republishes at most the identical payload (same ``verdict_id``) and never a second,
 different final verdict, even if the model that produced it changed in between.
 
-Recording a verdict moves the item's visibility in the same atomic step, so the two never disagree; a provisional
+Effects are keyed by an :data:`EffectId` (a family tag and its parts, see :func:`item_effect`): an item's verdicts,
+escalation and review task are per *revision* of the item, so an edit (the same content id with another text) is
+moderated again instead of finding the old revision's verdict. :meth:`StateStore.revision` says which revision a
+message carries.
+
+Recording a verdict moves the item's visibility in the same atomic step, so the two never disagree. Visibility
+follows the highest revision: a verdict on an older revision never moves it; within one revision a provisional
 verdict never overrides a final state (a late redelivery must not re-hide a decided item).
 
 Two implementations keep this contract: :class:`pipeline.store.redis.RedisStore` (production) and
@@ -45,6 +51,33 @@ def visibility_for(verdict: Verdict) -> Visibility:
     return Visibility.VISIBLE if verdict.decision is Decision.ALLOW else Visibility.REMOVED
 
 
+EffectId = tuple[str, ...]  # (family, part, ...): every part is encoded into the key, so ids cannot collide
+
+
+def item_effect(content_id: str, revision: int) -> EffectId:
+    """The slot of an item revision's verdicts, escalation and review task."""
+    return ("item", content_id, str(revision))
+
+
+def appeal_effect(content_id: str, revision: int, round_: int) -> EffectId:
+    """The slot of the outcome of the ``round_``-th appeal of an item revision."""
+    return ("appeal", content_id, str(revision), str(round_))
+
+
+def message_effect(topic: str, partition: int | None, offset: int | None, digest: str) -> EffectId:
+    """The slot of a dead letter: one per message (the digest of its bytes tells a reused offset apart)."""
+    return ("message", topic, str(partition), str(offset), digest)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Which revision of an item a message carries (see :meth:`StateStore.revision`)."""
+
+    number: int  # 1 for the first text seen, +1 for each different text
+    new: bool  # this message introduced the revision
+    latest: int  # the highest revision known for the item
+
+
 @dataclass(frozen=True)
 class Recorded:
     """The outcome of recording an effect: the payload to publish and whether it still needs publishing."""
@@ -60,6 +93,11 @@ class VisibilityRecord:
     verdict: Verdict | None
     final: bool
 
+    @property
+    def revision(self) -> int:
+        """The revision the current state is about (0 when the item is unknown)."""
+        return self.verdict.revision if self.verdict is not None else 0
+
 
 class StateStore(Protocol):
     """The ledger and visibility contract (see the module docstring). Every method raises
@@ -70,15 +108,25 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
     async def record(
-        self, kind: EffectKind, effect_id: str, payload: bytes, verdict: Verdict | None = None
+        self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None = None
     ) -> Recorded:
-        """Record ``payload`` as the one effect of ``kind`` for ``effect_id`` unless one exists already."""
+        """Record ``payload`` as the one effect of ``kind`` for ``effect_id`` unless one exists already; a
+        ``verdict`` also moves its item's visibility (see the module docstring)."""
         ...
 
-    async def mark_published(self, kind: EffectKind, effect_id: str) -> None: ...
+    async def mark_published(self, kind: EffectKind, effect_id: EffectId) -> None: ...
 
-    async def recorded(self, kind: EffectKind, effect_id: str) -> Recorded | None:
+    async def recorded(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
         """The stored effect, if any (used to finish a publish that a crash interrupted)."""
+        ...
+
+    async def revision(self, content_id: str, text_hash: str, message_id: str) -> Revision:
+        """The revision of ``content_id`` a message carries, assigned atomically.
+
+        A message seen before (``message_id``: where it sits in the log and a digest of its bytes) keeps its
+        revision, so a replay is a redelivery; a text equal to the latest revision's text is that revision (a
+        producer's duplicate); any other text is a new revision, one above the latest.
+        """
         ...
 
     async def visibility(self, content_id: str) -> VisibilityRecord: ...

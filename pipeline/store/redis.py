@@ -18,16 +18,27 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.config import RedisSettings
 from pipeline.errors import StoreUnavailable
-from pipeline.schemas import Verdict, VerdictStatus
-from pipeline.store.base import EffectKind, Recorded, Visibility, VisibilityRecord, visibility_for
+from pipeline.schemas import Verdict, VerdictStatus, parse_wire
+from pipeline.store.base import (
+    EffectId,
+    EffectKind,
+    Recorded,
+    Revision,
+    Visibility,
+    VisibilityRecord,
+    visibility_for,
+)
+from pipeline.store.keys import Keyspace, Namespace
 
 logger = logging.getLogger(__name__)
 
-# Record an effect once; for verdicts also move visibility, atomically, so the two never disagree.
-# A provisional verdict never overrides a final state (a late redelivery must not re-hide a decided item).
+# Record an effect once; for verdicts also move visibility, atomically, so the two never disagree. Visibility follows
+# the highest revision; within one revision a provisional verdict never overrides a final state (a late redelivery
+# must not re-hide a decided item). Entries written before revisions existed have no 'revision' field: revision 1.
 _RECORD_SCRIPT = """
 local ledger, vis = KEYS[1], KEYS[2]
-local payload, ttl, state, verdict_id, is_final, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local payload, ttl, state, verdict_id, is_final, now, revision =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local existing = redis.call('HGET', ledger, 'payload')
 if existing then
   return {0, existing, redis.call('HGET', ledger, 'published') or '0'}
@@ -35,14 +46,43 @@ end
 redis.call('HSET', ledger, 'payload', payload, 'published', '0', 'recorded_at', now)
 redis.call('EXPIRE', ledger, ttl)
 if state ~= '' then
-  local current_final = redis.call('HGET', vis, 'final')
-  if is_final == '1' or current_final ~= '1' then
+  local current_state, current_final, current_revision = unpack(redis.call('HMGET', vis, 'state', 'final', 'revision'))
+  current_revision = tonumber(current_revision) or (current_state and 1 or 0)
+  if revision > current_revision or (revision == current_revision and (is_final == '1' or current_final ~= '1')) then
     redis.call('HSET', vis, 'state', state, 'verdict', payload, 'verdict_id', verdict_id,
-               'final', is_final, 'updated_at', now)
+               'final', is_final, 'revision', revision, 'updated_at', now)
     redis.call('EXPIRE', vis, ttl)
   end
 end
 return {1, payload, '0'}
+"""
+
+# Which revision a message carries (see StateStore.revision). One hash per item: 'latest' (number), 'latest_hash'
+# (its text hash) and 'm:<message id>' (the revision each message was given).
+_REVISION_SCRIPT = """
+local revs = KEYS[1]
+local text_hash, message_field, ttl = ARGV[1], 'm:' .. ARGV[2], tonumber(ARGV[3])
+local known = redis.call('HGET', revs, message_field)
+local latest = tonumber(redis.call('HGET', revs, 'latest')) or 0
+if known then return {tonumber(known), 0, latest} end
+local number, new = latest, 0
+if latest == 0 or redis.call('HGET', revs, 'latest_hash') ~= text_hash then
+  number = redis.call('HINCRBY', revs, 'latest', 1)
+  redis.call('HSET', revs, 'latest_hash', text_hash)
+  new = 1
+end
+redis.call('HSET', revs, message_field, number)
+redis.call('EXPIRE', revs, ttl)
+return {number, new, math.max(number, latest)}
+"""
+
+_APPEAL_VIS_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'verdict_id')
+if current ~= ARGV[1] and current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'verdict', ARGV[4], 'verdict_id', ARGV[2], 'final', '1',
+           'revision', ARGV[7], 'updated_at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+return 1
 """
 
 
@@ -65,19 +105,27 @@ def redis_client(settings: RedisSettings, *, timeout_s: float = 5.0, max_connect
 
 
 class RedisStore:
-    """The :class:`~pipeline.store.base.StateStore` in Redis, every key under ``settings.key_prefix``."""
+    """The :class:`~pipeline.store.base.StateStore` in Redis, every key built by :class:`Keyspace` under
+    ``settings.key_prefix``."""
 
     def __init__(self, settings: RedisSettings, client: aioredis.Redis | None = None) -> None:
         self._settings = settings
-        self._prefix = settings.key_prefix
+        self.keys = Keyspace(settings.key_prefix)
         self._redis = client or redis_client(settings)
         self._record = self._redis.register_script(_RECORD_SCRIPT)
+        self._revision = self._redis.register_script(_REVISION_SCRIPT)
+        self._appeal_visibility = self._redis.register_script(_APPEAL_VIS_SCRIPT)
 
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def key(self, *parts: str) -> str:
-        return self._prefix + ":".join(parts)
+    def key(self, namespace: Namespace, *parts: object) -> str:
+        return self.keys.key(namespace, *parts)
+
+    def _ledger_key(self, kind: EffectKind, effect_id: EffectId) -> str:
+        if not isinstance(effect_id, tuple):  # a bare string would be split into characters: a silent collision
+            raise TypeError(f"effect ids are tuples (see pipeline.store.base.item_effect), got {type(effect_id)}")
+        return self.keys.key(Namespace.LEDGER, kind.value, *effect_id)
 
     async def ping(self) -> None:
         await self._call(self._redis.ping())
@@ -90,39 +138,66 @@ class RedisStore:
 
     # -- the effect ledger ------------------------------------------------------------------------------------
 
-    async def record(self, kind: EffectKind, effect_id: str, payload: bytes, verdict: Verdict | None = None) -> Recorded:
-        """Record ``payload`` as the one effect of ``kind`` for ``effect_id`` unless one exists already."""
-        state, verdict_id, is_final = "", "", "0"
+    async def record(
+        self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None = None
+    ) -> Recorded:
+        ledger = self._ledger_key(kind, effect_id)
+        state, verdict_id, is_final, visibility, revision = "", "", "0", ledger, 0  # no verdict: visibility untouched
         if verdict is not None:
             state = visibility_for(verdict).value
             verdict_id = verdict.verdict_id
             is_final = "1" if verdict.status is VerdictStatus.FINAL else "0"
+            visibility, revision = self.keys.key(Namespace.VISIBILITY, verdict.content_id), verdict.revision
         created, stored, published = await self._call(
             self._record(
-                keys=[self.key(kind.value, effect_id), self.key("vis", effect_id)],
-                args=[payload, self._settings.verdict_ttl_s, state, verdict_id, is_final, f"{time.time():.6f}"],
+                keys=[ledger, visibility],
+                args=[payload, self._settings.verdict_ttl_s, state, verdict_id, is_final, f"{time.time():.6f}",
+                      revision],
             )
         )
         return Recorded(payload=bytes(stored), created=bool(int(created)), published=published in (b"1", "1"))
 
-    async def mark_published(self, kind: EffectKind, effect_id: str) -> None:
-        await self._call(self._redis.hset(self.key(kind.value, effect_id), "published", "1"))
+    async def mark_published(self, kind: EffectKind, effect_id: EffectId) -> None:
+        await self._call(self._redis.hset(self._ledger_key(kind, effect_id), "published", "1"))
 
-    async def recorded(self, kind: EffectKind, effect_id: str) -> Recorded | None:
-        """The stored effect, if any (used to finish a publish that a crash interrupted)."""
-        fields = await self._call(self._redis.hmget(self.key(kind.value, effect_id), "payload", "published"))
+    async def recorded(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
+        fields = await self._call(self._redis.hmget(self._ledger_key(kind, effect_id), "payload", "published"))
         if fields[0] is None:
             return None
         return Recorded(payload=bytes(fields[0]), created=False, published=fields[1] in (b"1", "1"))
 
+    async def revision(self, content_id: str, text_hash: str, message_id: str) -> Revision:
+        number, new, latest = await self._call(
+            self._revision(keys=[self.keys.key(Namespace.REVISIONS, content_id)],
+                           args=[text_hash, message_id, self._settings.verdict_ttl_s])
+        )
+        return Revision(int(number), bool(int(new)), int(latest))
+
     # -- visibility -------------------------------------------------------------------------------------------
 
     async def visibility(self, content_id: str) -> VisibilityRecord:
-        fields = await self._call(self._redis.hmget(self.key("vis", content_id), "state", "verdict", "final"))
+        fields = await self._call(
+            self._redis.hmget(self.keys.key(Namespace.VISIBILITY, content_id), "state", "verdict", "final")
+        )
         if fields[0] is None:
             return VisibilityRecord(Visibility.UNKNOWN, None, False)
-        verdict = Verdict.model_validate_json(fields[1]) if fields[1] else None
+        verdict = parse_wire(Verdict, fields[1]) if fields[1] else None
         return VisibilityRecord(Visibility(fields[0].decode()), verdict, fields[2] in (b"1", "1"))
+
+    async def visibility_after_appeal(self, content_id: str, verdict: Verdict, supersedes: str) -> bool:
+        """Point visibility at an appeal outcome, but only over the verdict it supersedes (or itself, on a retry).
+
+        The ledger records an appeal outcome under its own effect id (:func:`appeal_effect`), so it cannot move
+        visibility itself; this compare-and-set keeps a late retry of an older round from winning.
+        """
+        changed = await self._call(
+            self._appeal_visibility(
+                keys=[self.keys.key(Namespace.VISIBILITY, content_id)],
+                args=[supersedes, verdict.verdict_id, visibility_for(verdict).value, verdict.to_bytes(),
+                      f"{time.time():.6f}", self._settings.verdict_ttl_s, verdict.revision],
+            )
+        )
+        return bool(changed)
 
     # -- for the review service's queues, claims and tokens (pipeline.review) ----------------------------------
 
@@ -134,28 +209,3 @@ class RedisStore:
     async def guard(self, awaitable):  # type: ignore[no-untyped-def]
         """Await a Redis call, turning connection failures into :class:`StoreUnavailable`."""
         return await self._call(awaitable)
-
-    async def visibility_after_appeal(self, content_id: str, verdict: Verdict, supersedes: str) -> bool:
-        """Point visibility at an appeal outcome, but only over the verdict it supersedes (or itself, on a retry).
-
-        The ledger records an appeal outcome under its own effect id (``appeal:<content_id>:<round>``), so it
-        cannot move visibility itself; this compare-and-set keeps a late retry of an older round from winning.
-        """
-        script = self._redis.register_script(_APPEAL_VIS_SCRIPT)
-        changed = await self._call(
-            script(
-                keys=[self.key("vis", content_id)],
-                args=[supersedes, verdict.verdict_id, visibility_for(verdict).value, verdict.to_bytes(),
-                      f"{time.time():.6f}", self._settings.verdict_ttl_s],
-            )
-        )
-        return bool(changed)
-
-
-_APPEAL_VIS_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'verdict_id')
-if current ~= ARGV[1] and current ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'verdict', ARGV[4], 'verdict_id', ARGV[2], 'final', '1', 'updated_at', ARGV[5])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
-return 1
-"""

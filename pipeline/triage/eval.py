@@ -76,11 +76,12 @@ def _labels(data: LabelledSet) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def evaluate(dataset: str, *, cv: int | None = None, model_dir: Path | None = None, embedder_backend: str = "onnx-int8",
-             target_accuracy: float = 0.97, plots_dir: Path | None = None, progress: bool = True,
-             seed: int = 0) -> dict[str, Any]:
-    """Evaluate on ``dataset`` (a shipped name or a feedback-format file); write plots to ``plots_dir``."""
-    data = load_dataset(dataset)
+def evaluate(dataset: str, *, datasets_dir: Path, cv: int | None = None, model_dir: Path | None = None,
+             embedder_backend: str = "onnx-int8", target_accuracy: float = 0.97, plots_dir: Path | None = None,
+             progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Evaluate on ``dataset`` (a public set's name, read from ``datasets_dir``, or a feedback-format file); write
+    plots to ``plots_dir``."""
+    data = load_dataset(dataset, datasets_dir)
     labels = _labels(data)
     report: dict[str, Any] = {"dataset": data.name, "sources": list(data.sources), "rows": len(data)}
     if cv:

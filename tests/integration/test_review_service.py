@@ -16,6 +16,7 @@ import pytest
 from pipeline.config import KafkaSettings, RedisSettings, ReviewSettings, Settings
 from pipeline.broker import ensure_topics
 from pipeline.codec import Record
+from pipeline.store.keys import Namespace
 from pipeline.effects import Effects
 from pipeline.handlers import ReviewIntakeHandler
 from pipeline.review.auth import Role, token_hash
@@ -25,7 +26,7 @@ from pipeline.review.queue import severities_from
 from pipeline.review.api import create_app
 from pipeline.harness.review import read_topic, sample_task, wait_for
 from pipeline.schemas import Decision, ReviewDecision, Stage, Verdict, VerdictStatus
-from pipeline.store import EffectKind
+from pipeline.store import EffectKind, appeal_effect, item_effect
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,7 @@ def test_every_request_needs_a_valid_token_and_tokens_are_stored_hashed(settings
                 bad = await env.http.request(method, path, headers={"Authorization": "Bearer mpr_nope"})
                 assert bad.status_code == 401, path
             assert (await env.http.get("/", follow_redirects=False)).status_code == 303
-            stored = await env.service.store.redis.hgetall(env.service.store.key("review", "tokens"))
+            stored = await env.service.store.redis.hgetall(env.service.store.key(Namespace.REVIEW_TOKENS))
             assert token_hash(env.tokens["alice"]).encode() in stored
             assert not any(env.tokens["alice"].encode() in k + v for k, v in stored.items())
             # A platform reads visibility and files appeals, but cannot review.
@@ -207,8 +208,8 @@ def test_appeal_requeues_with_history_for_another_reviewer(settings: Settings) -
             filed = await env.http.post("/v1/appeals", headers=env.auth("shop"),
                                         json={"content_id": "ap-1", "reason": "it was a quote"})
             assert filed.status_code == 202, filed.text
-            assert filed.json() == {"content_id": "ap-1", "appeal_round": 1, "supersedes": first["verdict_id"],
-                                    "excluded_reviewer": "alice"}
+            assert filed.json() == {"content_id": "ap-1", "revision": 1, "appeal_round": 1,
+                                    "supersedes": first["verdict_id"], "excluded_reviewer": "alice"}
             assert (await env.http.post("/v1/appeals", headers=env.auth("shop"),
                                         json={"content_id": "ap-1"})).status_code == 409  # already open
             assert (await env.http.post("/v1/claims", headers=env.auth("alice"))).status_code == 204
@@ -222,9 +223,9 @@ def test_appeal_requeues_with_history_for_another_reviewer(settings: Settings) -
             vis = (await env.http.get("/v1/content/ap-1", headers=env.auth("shop"))).json()
             assert vis["state"] == "VISIBLE" and vis["verdict"]["verdict_id"] == second["verdict_id"]
             # The first final verdict stays recorded as it was; the appeal outcome has its own ledger entry.
-            original = await svc.store.recorded(EffectKind.FINAL, "ap-1")
+            original = await svc.store.recorded(EffectKind.FINAL, item_effect("ap-1", 1))
             assert Verdict.model_validate_json(original.payload).verdict_id == first["verdict_id"]
-            outcome = await svc.store.recorded(EffectKind.FINAL, "appeal:ap-1:1")
+            outcome = await svc.store.recorded(EffectKind.FINAL, appeal_effect("ap-1", 1, 1))
             assert outcome.published and Verdict.model_validate_json(outcome.payload).verdict_id == second["verdict_id"]
             # Replaying the first round's publication cannot move visibility back.
             await svc._publish_decision(Verdict.model_validate_json(original.payload), 0)

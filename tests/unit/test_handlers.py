@@ -30,7 +30,7 @@ from pipeline.schemas import (
     Verdict,
     VerdictStatus,
 )
-from pipeline.store import EffectKind, InMemoryStore, Visibility
+from pipeline.store import EffectKind, InMemoryStore, Visibility, item_effect
 from pipeline.triage.fakes import ScriptedScorer
 
 pytestmark = pytest.mark.unit
@@ -126,11 +126,11 @@ def test_triage_finishes_an_interrupted_publish_on_redelivery() -> None:
     h.publisher.fail_with = ConnectionError("broker gone")
     with pytest.raises(ConnectionError):
         triage(h, item("a", "good morning everyone"))  # recorded in the ledger, never published
-    assert asyncio.run(h.store.recorded(EffectKind.FINAL, "a")) is not None
+    assert asyncio.run(h.store.recorded(EffectKind.FINAL, item_effect("a", 1))) is not None
     h.publisher.fail_with = None
     triage(h, item("a", "good morning everyone"))
     assert [v.decision for v in h.verdicts()] == [Decision.ALLOW]
-    assert asyncio.run(h.store.recorded(EffectKind.FINAL, "a")).published
+    assert asyncio.run(h.store.recorded(EffectKind.FINAL, item_effect("a", 1))).published
 
 
 def test_triage_bad_input_is_dead_lettered_and_spares_its_batch_mates() -> None:

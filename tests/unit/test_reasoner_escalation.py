@@ -14,7 +14,8 @@ from pipeline.reasoner.harmony import render_completion
 from pipeline.policies import PolicyLibrary
 from pipeline.reasoner.breaker import CircuitBreaker
 from pipeline.reasoner.core import SafeguardReasoner, _cap
-from pipeline.reasoner.cache import InMemoryVerdictCache, cache_key, normalise_text
+from pipeline.reasoner.cache import InMemoryVerdictCache, cache_key
+from pipeline.texts import normalise_text
 from pipeline.reasoner.fakes import ScriptedTransport, answer
 from pipeline.router import ReasoningRoute
 from pipeline.schemas import ContentItem, Effort, ReviewReason, TriageScores

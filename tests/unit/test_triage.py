@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import TriageSettings
+from pipeline.config import Settings, TriageSettings
 from pipeline.router import TriageRoute, TriageThresholds, route_triage
 from pipeline.triage import (
     ANY_HEAD,
@@ -34,6 +34,7 @@ from triage_models.train import choose_band, choose_high_risk_level
 pytestmark = pytest.mark.unit
 
 ARTEFACT = TriageSettings().model_dir
+DATASETS = Settings().datasets_dir  # the shared labelled data (MODPIPE_DATASETS_DIR), read in place
 POLICIES = ["sexual", "sexual_minors", "hate", "violence", "harassment", "self_harm"]
 BENIGN = [
     "Thanks for the recipe! The banana bread turned out great and my kids loved it.",
@@ -83,7 +84,9 @@ def test_default_artefact_loads_with_card(model: TriageModel) -> None:
     assert model.embedder_name.startswith(Embedder.name + ":onnx-int8:")
     assert set(model.head_bands) == {ANY_HEAD, *CATEGORIES}
     card = json.loads((ARTEFACT / MODEL_CARD_FILE).read_text())
-    assert card["data"]["sha256"] == load_openai_moderation().sha256
+    assert card["data"]["sha256"] == load_openai_moderation(DATASETS).sha256
+    # provenance names the file inside the datasets folder, never a machine's path
+    assert card["data"]["file"] == card["data"]["sources"][0]["file"] == "openai_moderation/samples-1680.jsonl.gz"
     assert 0.5 < card["metrics"]["roc_auc"] <= 1.0
     assert set(card["metrics"]["per_category_roc_auc"]) == set(CATEGORIES)
     assert (ARTEFACT / "MODEL_CARD.md").read_text().count(card["version"]) >= 1
@@ -208,7 +211,7 @@ def test_embedder_of_wrong_dimension_is_refused() -> None:
 
 
 def test_loader_keeps_unknown_labels_unknown() -> None:
-    data = load_openai_moderation()
+    data = load_openai_moderation(DATASETS)
     assert len(data) == 1680
     assert (data.labels["H"] == UNKNOWN).sum() == 1680 - 771
     y, rows = data.any_labels("known_zero")

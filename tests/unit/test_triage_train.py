@@ -15,17 +15,28 @@ import numpy as np
 import pytest
 
 import triage_models.train as train_module
+from pipeline.config import Settings
 from pipeline.triage import ANY_HEAD, TriageModel
-from triage_models.data import CATEGORIES, UNKNOWN, load_dataset, load_feedback, load_openai_moderation, load_xstest
+from triage_models.data import (
+    CATEGORIES,
+    UNKNOWN,
+    DatasetNotFoundError,
+    load_dataset,
+    load_feedback,
+    load_hatecheck,
+    load_openai_moderation,
+    load_xstest,
+)
 from triage_models.train import band_stats, choose_band, wilson_lower
 
 pytestmark = pytest.mark.unit
+DATASETS = Settings().datasets_dir  # the shared labelled data (MODPIPE_DATASETS_DIR), read in place
 
 CUES = ("kill", "die", "sex", "hate", "stupid", "fuck", "shit", "cut", "gun", "nigg", "porn", "rape")
 
 
 def _known_labels() -> dict[str, int]:
-    data = load_openai_moderation()
+    data = load_openai_moderation(DATASETS)
     y, rows = data.any_labels()
     return {data.texts[r]: int(v) for r, v in zip(rows, y, strict=True)}
 
@@ -79,7 +90,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     mp = pytest.MonkeyPatch()
     mp.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
     try:
-        card = train_module.train(tmp / "artefact", progress=False, cache_dir=tmp / "cache", feedback=feedback)
+        card = train_module.train(tmp / "artefact", datasets_dir=DATASETS, progress=False, cache_dir=tmp / "cache",
+                                  feedback=feedback)
     finally:
         mp.undo()
     return tmp / "artefact", card
@@ -109,13 +121,35 @@ def test_malformed_feedback_names_the_line(tmp_path: Path, bad_line: str) -> Non
 
 
 def test_binary_only_sets_have_unknown_categories_and_a_binary_label() -> None:
-    xstest = load_xstest()
+    xstest = load_xstest(DATASETS)
     y, rows = xstest.any_labels()
     assert len(xstest) == len(rows) == 450 and int(y.sum()) == 200
     assert all((xstest.labels[c] == UNKNOWN).all() for c in CATEGORIES)
-    assert load_dataset("xstest").sha256 == xstest.sha256
+    assert load_dataset("xstest", DATASETS).sha256 == xstest.sha256
     with pytest.raises(FileNotFoundError, match="neither a data set name"):
-        load_dataset("no-such-set")
+        load_dataset("no-such-set", DATASETS)
+    hatecheck = load_hatecheck(DATASETS)
+    assert len(hatecheck) == 3728 and hatecheck.sources[0]["file"] == "hatecheck/test_suite_cases.csv"
+    assert xstest.sources[0]["file"] == "xstest/xstest_prompts.csv"  # relative to the datasets folder
+
+
+def test_missing_datasets_folder_names_the_setting_and_the_path(tmp_path: Path) -> None:
+    absent = tmp_path / "no-datasets-here"
+    for loader in (load_openai_moderation, load_xstest, load_hatecheck):
+        with pytest.raises(DatasetNotFoundError, match="MODPIPE_DATASETS_DIR") as caught:
+            loader(absent)
+        assert str(absent) in str(caught.value)
+    with pytest.raises(FileNotFoundError, match="MODPIPE_DATASETS_DIR"):
+        load_dataset("openai_moderation", absent)
+    with pytest.raises(FileNotFoundError, match="MODPIPE_DATASETS_DIR"):
+        train_module.train(tmp_path / "a", datasets_dir=absent, progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_missing_file_in_the_datasets_folder_names_the_file_and_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "xstest").mkdir()  # the folder exists, the file does not
+    with pytest.raises(DatasetNotFoundError, match=r"xstest/xstest_prompts\.csv.*MODPIPE_DATASETS_DIR") as caught:
+        load_xstest(tmp_path)
+    assert str(tmp_path / "xstest" / "xstest_prompts.csv") in str(caught.value)
 
 
 def test_wilson_bound_is_below_the_observed_rate_and_tightens_with_more_rows() -> None:
@@ -135,12 +169,15 @@ def test_margin_makes_the_band_stricter_than_the_plain_rule() -> None:
 
 
 def test_training_uses_feedback_and_records_it(trained: tuple[Path, dict]) -> None:
-    _, card = trained
-    base = load_openai_moderation()
+    artefact, card = trained
+    base = load_openai_moderation(DATASETS)
     assert card["data"]["rows"] == len(base) + 2
     names = [s["name"] for s in card["data"]["sources"]]
     assert names == ["openai_moderation", "feedback"]
     assert card["data"]["sources"][0]["sha256"] == base.sha256
+    assert card["data"]["sources"][0]["file"] == card["data"]["file"] == "openai_moderation/samples-1680.jsonl.gz"
+    assert card["data"]["sources"][1]["file"] == "feedback.jsonl"
+    assert str(DATASETS) not in json.dumps(card) and str(artefact.parent) not in json.dumps(card)  # no machine paths
     assert card["data"]["category_rows"]["SH"] == int((base.labels["SH"] != UNKNOWN).sum()) + 1
     assert card["embedder"]["name"] == "fake-keywords"
 
@@ -176,5 +213,6 @@ def test_artefact_is_small_versioned_and_loads(trained: tuple[Path, dict]) -> No
 
 def test_high_risk_override_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
-    card = train_module.train(tmp_path / "a", progress=False, cache_dir=tmp_path / "cache", high_risk_recall={})
+    card = train_module.train(tmp_path / "a", datasets_dir=DATASETS, progress=False, cache_dir=tmp_path / "cache",
+                              high_risk_recall={})
     assert card["thresholds"]["high_risk"] == {}

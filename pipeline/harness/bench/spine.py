@@ -3,6 +3,8 @@
 Timed assertions in tests are flaky on a shared 2-core machine; instead this command measures, in the same
 process and minutes, the embedder alone and the triage stage end to end (Kafka in, verdict out), and writes both
 (and their ratio) to ``docs/BENCHMARKS.md``, so a regression shows as a ratio that moved, not a noisy absolute.
+Texts are the project's sample traffic, made distinct past the pool's size (as replies), so no phase is served by
+the embedding or verdict cache a repeated text would hit.
 """
 
 from __future__ import annotations
@@ -48,12 +50,12 @@ async def run_spine_bench(throughput_items: int, steady_rate: float, steady_seco
         batch_size = ctx.settings.triage.batch_size
         console.print(f"[bold]embedder alone[/]: {throughput_items} texts, batch {batch_size}")
         embed_per_s = await asyncio.get_running_loop().run_in_executor(
-            None, embedder_throughput, sample_texts(throughput_items, seed=7), batch_size
+            None, embedder_throughput, sample_texts(throughput_items, seed=7, distinct=True), batch_size
         )
         console.print(f"  {embed_per_s:.1f} texts/s")
 
         console.print(f"[bold]triage end to end[/]: {throughput_items} items published as fast as possible")
-        burst = sample_items(throughput_items, f"{ctx.run_id}-burst", seed=7)
+        burst = sample_items(throughput_items, f"{ctx.run_id}-burst", seed=7, distinct=True)
         t0 = time.monotonic()
         await publish_items(ctx, burst, 0)
         burst_ids = [i.content_id for i in burst]
@@ -67,7 +69,7 @@ async def run_spine_bench(throughput_items: int, steady_rate: float, steady_seco
 
         steady_n = int(steady_rate * steady_seconds)
         console.print(f"[bold]steady load[/]: {steady_n} items at {steady_rate:g}/s")
-        steady = sample_items(steady_n, f"{ctx.run_id}-steady", seed=8)
+        steady = sample_items(steady_n, f"{ctx.run_id}-steady", seed=8, distinct=True)
         await publish_items(ctx, steady, steady_rate)
         steady_ids = [i.content_id for i in steady]
         await ctx.observer.wait_settled(steady_ids, 0, 600)

@@ -3,7 +3,8 @@
 Why one run: the machine is small and shared, so absolute numbers drift by 2x from minute to minute. The
 baseline (sentence-transformers ``encode()``, float32 torch) and the worker's embedder are timed on the same
 texts, in alternating rounds, best round each, so their ratio is what to trust. Accuracy is compared the same way:
-the same heads procedure (5-fold CV, logistic + Platt) on each embedder's vectors of the OpenAI moderation set.
+the same heads procedure (5-fold CV, logistic + Platt) on each embedder's vectors of the OpenAI moderation set
+(read from the datasets folder, ``MODPIPE_DATASETS_DIR``). Speed is timed on the demo's sample traffic.
 
 Numbers written: ``baseline_per_s``, ``embedder_per_s`` (the worker's in-process path, cache off, distinct
 texts), ``pipeline_per_s`` (through Kafka: publish a burst, count triage verdicts), ``baseline_auc``, ``auc``,
@@ -62,11 +63,12 @@ def cv_auc(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return float(roc_auc_score(y, decision))
 
 
-def accuracy_comparison(baseline: EmbedderProtocol, fast: EmbedderProtocol, progress: bool) -> dict[str, float]:
+def accuracy_comparison(baseline: EmbedderProtocol, fast: EmbedderProtocol, progress: bool,
+                        datasets_dir: Path) -> dict[str, float]:
     from triage_models.data import load_openai_moderation
     from triage_models.train import embed_with_cache
 
-    data = load_openai_moderation()
+    data = load_openai_moderation(datasets_dir)
     y, rows = data.any_labels()
     base_x, _ = embed_with_cache(baseline, data.texts, progress=progress)
     fast_x, _ = embed_with_cache(fast, data.texts, progress=progress)
@@ -108,6 +110,9 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 def run_triage_bench(settings: Settings, *, texts_n: int, rounds: int, pipeline_items: int, json_out: Path | None,
                      console: Console, progress: bool = True) -> dict[str, Any]:
+    from triage_models.data import OPENAI_MODERATION_FILE, dataset_file
+
+    dataset_file(settings.datasets_dir, OPENAI_MODERATION_FILE)  # fail before minutes of timing, not after
     batch = settings.triage.batch_size
     texts = sample_texts(texts_n, seed=7)
     short = truncate_tokens(texts[: max(batch * 4, texts_n // 2)], 64)
@@ -129,12 +134,12 @@ def run_triage_bench(settings: Settings, *, texts_n: int, rounds: int, pipeline_
     cached.encode(texts)
     cached_per_s = throughput(cached, texts, batch)
     console.print("[bold]accuracy[/]: 5-fold CV ROC-AUC of the any head on each embedder's vectors")
-    accuracy = accuracy_comparison(baseline, fast, progress)
+    accuracy = accuracy_comparison(baseline, fast, progress, settings.datasets_dir)
     del baseline
     report: dict[str, Any] = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_summary(),
-        "texts": f"{len(texts)} texts from the OpenAI moderation set (what the demo publishes), "
+        "texts": f"{len(texts)} texts from the project's sample traffic (what the demo publishes), "
                  f"max {settings.triage.max_seq_length} tokens; batches of {batch}",
         "baseline": "sentence-transformers encode(), all-MiniLM-L6-v2, float32 torch",
         "embedder": fast.name,

@@ -255,6 +255,7 @@ async function act(kind) {
         policy_id: $("decision-policy").value,
         rule_id: pickRuleFor(kind),
         note: $("decision-note").value,
+        revision: state.item.revision,  // the text the reviewer saw: an edit since is refused (409)
       });
       flash("Decided " + id + ": " + verdict.decision + " (verdict " + verdict.verdict_id + ").");
     } else if (kind === "skip") {
