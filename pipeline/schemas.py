@@ -178,9 +178,6 @@ class VerdictV1(_VerdictFields):
 
     schema_version: Literal[1] = Field(1, description="Wire version of this model.")
 
-    def upgrade(self) -> Verdict:
-        return Verdict(**{**self.model_dump(), "schema_version": 2, "revision": 1})
-
 
 class Verdict(_VerdictFields):
     """A decision about one revision of one item, published to ``moderation.verdicts`` (key: ``content_id``).
@@ -233,9 +230,6 @@ class EscalationV1(_EscalationFields):
 
     schema_version: Literal[1] = Field(1, description="Wire version of this model.")
 
-    def upgrade(self) -> Escalation:
-        return Escalation(**{**self.model_dump(), "schema_version": 2, "revision": 1})
-
 
 class Escalation(_EscalationFields):
     """An item triage could not settle, sent to ``moderation.escalations`` (key: ``content_id``)."""
@@ -267,9 +261,6 @@ class ReviewTaskV1(_ReviewTaskFields):
     """Version 1 (before revisions), upgraded on read."""
 
     schema_version: Literal[1] = Field(1, description="Wire version of this model.")
-
-    def upgrade(self) -> ReviewTask:
-        return ReviewTask(**{**self.model_dump(), "schema_version": 2, "revision": 1})
 
 
 class ReviewTask(_ReviewTaskFields):
@@ -346,9 +337,6 @@ class ReviewDecisionV1(_ReviewDecisionFields):
 
     schema_version: Literal[1] = Field(1, description="Wire version of this model.")
 
-    def upgrade(self) -> ReviewDecision:
-        return ReviewDecision(**{**self.model_dump(), "schema_version": 2, "revision": 1})
-
 
 class ReviewDecision(_ReviewDecisionFields):
     """One entry of the reviewers' audit log, on ``moderation.decisions`` (key: ``content_id``).
@@ -376,7 +364,8 @@ WIRE_MODELS["ReviewDecision"] = ReviewDecision
 WIRE_MODELS["AppealRequest"] = AppealRequest
 
 
-# Older versions each current model still reads (side by side during a migration), upgraded on read.
+# Older versions each current model still reads (side by side during a migration), upgraded on read. Every v1 -> v2
+# upgrade is the same: v2 added ``revision``, and what v1 described was the item's first revision.
 LEGACY_VERSIONS: dict[type[_Wire], dict[int, type[_Wire]]] = {
     Verdict: {1: VerdictV1},
     Escalation: {1: EscalationV1},
@@ -394,7 +383,9 @@ def validate_wire(model: type[WireT], data: Any) -> WireT:
     if isinstance(data, dict):
         legacy = LEGACY_VERSIONS.get(model, {}).get(data.get("schema_version"))  # type: ignore[arg-type]
         if legacy is not None:
-            return legacy.model_validate(data).upgrade()  # type: ignore[attr-defined,no-any-return]
+            old = legacy.model_validate(data).model_dump()
+            return model.model_validate({**old, "schema_version": model.model_fields["schema_version"].default,
+                                         "revision": 1})
     return model.model_validate(data)
 
 
