@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pipeline.config import ReasonerSettings
 from pipeline.errors import PolicyError
-from pipeline.policies.lint import lint_policy
-from pipeline.policies.model import Policy, load_policy
+from pipeline.policies.lint import errors, lint_policy
+from pipeline.policies.model import POLICY_FILES, Policy, load_policy
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class PolicyLibrary:
         default_first: str = "low",
         default_escalated: str = "high",
     ) -> PolicyLibrary:
-        """Load every sub-folder that has a ``policy.md``; with ``strict``, a lint problem is a PolicyError.
+        """Load every sub-folder that has a ``policy.md`` or ``policy.txt``; with ``strict``, a lint *error* (what
+        breaks the prompt: empty text, control tokens) is a PolicyError. Warnings are logged, never refused.
 
         ``default_first`` / ``default_escalated`` (from ReasonerSettings) apply to policies whose metadata has
         no ``[effort]`` table; a policy's own metadata wins, because its author tuned it.
@@ -37,15 +38,19 @@ class PolicyLibrary:
         if not policies_dir.is_dir():
             raise PolicyError(f"policies folder {policies_dir} does not exist")
         policies: dict[str, Policy] = {}
-        for folder in sorted(p for p in policies_dir.iterdir() if p.is_dir() and (p / "policy.md").exists()):
+        folders = (p for p in policies_dir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and any((p / n).exists() for n in POLICY_FILES))
+        for folder in sorted(folders):
             policy = load_policy(folder, default_first=default_first, default_escalated=default_escalated)
-            if strict:
-                problems = lint_policy(policy)
-                if problems:
-                    raise PolicyError(f"policy folder {folder}: " + "; ".join(problems))
+            findings = lint_policy(policy)
+            if strict and errors(findings):
+                raise PolicyError(f"policy folder {folder}: " + "; ".join(map(str, errors(findings))))
+            if findings:
+                logger.info("policy %s: %d lint warnings (modpipe policy lint shows them)", policy.policy_id,
+                            len(findings))
             policies[policy.policy_id] = policy
         if not policies:
-            raise PolicyError(f"policies folder {policies_dir} holds no policy (no */policy.md)")
+            raise PolicyError(f"policies folder {policies_dir} holds no policy (no */policy.md or */policy.txt)")
         logger.info("loaded %d policies: %s", len(policies), ", ".join(sorted(policies)))
         return cls(policies)
 

@@ -1,14 +1,22 @@
 """Policies as data: load each ``policies/<id>/`` folder, parse its rules and examples, and lint it.
 
 A policy is what gpt-oss-safeguard reads at inference time, so the text itself is the contract. Its version IS
-the content hash of that text (sha256 of ``policy.md``, first 16 hex): no author-assigned number can drift from the
-words, every verdict names the exact text that decided, and the verdict cache is invalidated by any edit.
-Loading is strict by default: a policy that does not lint never reaches the model (a typo in a rule id would
-otherwise surface as "invalid rule id" answers in production). Authors use ``strict=False`` plus
-:func:`lint_policy` to see every problem at once.
+the content hash of that text (sha256 of the policy file, first 16 hex): no author-assigned number can drift from
+the words, every verdict names the exact text that decided, and the verdict cache is invalidated by any edit.
 
-Folder layout: ``policy.md`` (cookbook structure, rule ids such as ``VI1.a`` / ``VI0.a``), ``metadata.toml``
-(id, name, severity, flags, scope, ``[effort]``) and ``golden.jsonl`` (labelled examples, at least 40).
+Bring your own policy: a policy written as the gpt-oss-safeguard guide describes works unchanged. The text is
+``policy.md`` (Markdown) or ``policy.txt`` (plain text); headings are Markdown ``#`` lines, upper-case lines or
+lines that open with an emoji (``✅ Allowed Content (SP0 ...)``); rule ids in the common forms (``SP2.a``,
+``**H2.f**``, ``- **DC1.b**``) start a line or a bullet. A rule's label (violates / safe) comes from its section
+heading (``VIOLATES (1)``, ``Prohibited``, ``SAFE (0)``, ``Allowed`` ...), else from the section's ``Output:``
+line, else from the tier convention (tier 0 is safe). The answer format is the policy's too
+(:mod:`pipeline.policies.formats`). ``metadata.toml`` (id, name, severity, flags, scope, ``[effort]``,
+``[answer]``) is optional: without it the policy gets defaults and lint says so. ``golden.jsonl`` holds labelled
+examples (at least 40 advised).
+
+Loading is strict by default, but strict only refuses what breaks the prompt (harmony control tokens, empty text;
+:mod:`pipeline.policies.lint`): everything else the guide advises is a warning, logged at load and shown by
+``modpipe policy lint``.
 
 A golden row is either the project's own text or a *reference* to a row of a public data set (``"xstest:26"``):
 the project commits none of that text. Loading and linting never read the data sets (workers start without
@@ -36,6 +44,7 @@ from typing import Any
 
 from pipeline.datasets import DATASETS_SETTING, DatasetNotFoundError, dataset_file
 from pipeline.errors import PolicyError
+from pipeline.policies.formats import AnswerFormat, format_from_metadata
 from pipeline.schemas import Effort, PolicyRef
 
 logger = logging.getLogger(__name__)
@@ -46,16 +55,25 @@ MIN_EXAMPLES, MAX_EXAMPLES = 4, 6
 MIN_GOLDEN = 40
 SEVERITIES = ("low", "medium", "high", "critical")  # ascending: decides precedence between violated policies
 SCOPES = ("default", "on_request")
-OUTPUT_KEYS = ("violation", "policy_category", "rule_ids", "confidence", "rationale")
 HEDGE_WORDS = ("generally", "usually")  # vague words the guide says make the model vague too
 
-RULE_ID = r"[A-Z]{2,4}\d+\.[a-z]+"
-_RULE_LINE = re.compile(rf"^\s*[-*]\s*\*\*(?P<id>{RULE_ID})\*\*\s*(?P<text>.+?)\s*$", re.MULTILINE)
-_EXAMPLE = re.compile(r'^Content:\s*"(?P<text>.*)"\s*\nAnswer:\s*(?P<answer>\{.*\})\s*$', re.MULTILINE)
-_SECTION = re.compile(r"^##\s+(?P<name>.+?)\s*$", re.MULTILINE)
-
-
-
+RULE_ID = r"[A-Z]{1,4}\d+\.[a-z]{1,3}"
+POLICY_FILES = ("policy.md", "policy.txt")
+DEFAULT_SEVERITY = "medium"
+# A rule line: an id at the start of a line or a bullet, bold or not, then its text ("- **VI1.a** Threats: ...",
+# "SP0.a Useful request – ...", "**H2.f**: ...", "1. DC1.b ...").
+_RULE_LINE = re.compile(
+    rf"^[ \t]*(?:[-*+\u2022][ \t]+|\d+[.)][ \t]+)?(?:\*\*|__)?\[?(?P<id>{RULE_ID})\]?(?:\*\*|__)?[ \t]*"
+    rf"(?:[:.)\u2013\u2014-](?:\*\*|__)?[ \t]*)?(?P<text>\S.*?)[ \t]*$",
+    re.MULTILINE,
+)
+_EXAMPLE = re.compile(
+    r'^[ \t]*(?:\*\*)?(?:Content|Example|Input|Text|Post|Message)(?:\*\*)?:[ \t]*["\u201c](?P<text>.*)["\u201d][ \t]*\n'
+    r"[ \t]*(?:\*\*)?(?:Answer|Output|Label|Classification)(?:\*\*)?:[ \t]*(?P<answer>\S.*?)[ \t]*$",
+    re.MULTILINE,
+)
+_MD_HEADING = re.compile(r"^(?P<hashes>#{1,6})[ \t]+(?P<name>.+?)[ \t#]*$")
+_OUTPUT_LINE = re.compile(r"\b(?:Output|Answer|Label)\s*:\s*(?P<out>.+)$", re.IGNORECASE | re.MULTILINE)
 @dataclass(frozen=True)
 class ReferenceSource:
     """A public data set golden rows may point into: ``<name>:<id>`` is the row whose ``id_column`` is ``id``."""
@@ -82,6 +100,9 @@ class Rule:
     rule_id: str
     label: int  # 1: violates, 0: safe
     text: str
+    escalate: bool = False  # the policy says people decide content under this rule ("INVALID + ESCALATE")
+    section: str = ""  # the heading the rule sits under (normalised)
+    label_from: str = "section"  # section, output (the section's "Output:" line) or tier (tier 0 is safe)
 
 
 @dataclass(frozen=True)
@@ -104,7 +125,7 @@ class GoldenExample:
     """
 
     label: int
-    rule_id: str
+    rule_id: str = ""  # the rule the row is an example of; empty when the source names none
     ref: str = ""
     content: str | None = None
 
@@ -193,6 +214,12 @@ class Policy:
     examples: tuple[Example, ...]
     golden: tuple[GoldenExample, ...] = ()
     folder: Path | None = None
+    answer_format: AnswerFormat = AnswerFormat()
+    title: str = ""
+    policy_file: str = "policy.md"
+    metadata_missing: bool = False  # no metadata.toml: defaults were used
+    unreadable_examples: tuple[str, ...] = ()  # example answers the policy's format cannot read (lint warns)
+    golden_bar: float | None = None  # [lifecycle] min_golden_accuracy: what a candidate needs to be promoted
 
     def ref(self) -> PolicyRef:
         return PolicyRef(policy_id=self.policy_id, version=self.version, content_hash=self.content_hash)
@@ -236,43 +263,212 @@ def count_tokens(text: str) -> int:
     return len(enc.encode_ordinary(text)) if enc is not None else estimate_tokens(text)
 
 
+@functools.lru_cache(maxsize=1)
+def _special_tokens() -> re.Pattern[str] | None:
+    enc = o200k_encoding()
+    if enc is None:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(enc.special_tokens_set, key=len, reverse=True)))
+
+
+def encode_harmony(text: str) -> list[int] | None:
+    """Token ids of harmony text with its special tokens (``<|start|>`` ...) as the special ids, the way vLLM
+    tokenises a prompt; the same ids as quicktok's ``encode(text, allowed_special="all")``, ~50x faster. None
+    without the tokenizer."""
+    enc, pattern = o200k_encoding(), _special_tokens()
+    if enc is None or pattern is None:
+        return None
+    ids: list[int] = []
+    at = 0
+    for m in pattern.finditer(text):
+        ids += enc.encode_ordinary(text[at : m.start()])
+        ids.append(enc.encode_single_token(m.group()))
+        at = m.end()
+    ids += enc.encode_ordinary(text[at:])
+    return ids
+
+
+def count_harmony_tokens(text: str) -> int:
+    """Tokens of harmony text, special tokens counted as one each (estimated without the tokenizer)."""
+    ids = encode_harmony(text)
+    return len(ids) if ids is not None else estimate_tokens(text)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # normalised: upper case, no emoji or Markdown marks ("" for the text before the first heading)
+    body: str
+    level: int  # Markdown level; 2 for plain-text headings
+
+
+def _normalise_heading(raw: str) -> str:
+    name = re.sub(r"[*_`]+", "", raw)
+    name = re.sub(r"^[^\w(\[]+", "", name.strip())  # leading emoji, arrows, bullets
+    return " ".join(name.split()).rstrip(":").upper()
+
+
+def _plain_heading(line: str) -> bool:
+    """A plain-text heading: an upper-case line, or a short line that opens with an emoji or symbol."""
+    stripped = line.strip()
+    if not stripped or len(stripped) > 100 or _RULE_LINE.match(stripped) or _OUTPUT_LINE.search(stripped):
+        return False
+    if stripped[0] in "-*+|>\"'\u201c([{" or stripped[0].isdigit():
+        return False
+    letters = [c for c in stripped if c.isalpha()]
+    if len(letters) >= 3 and sum(c.isupper() for c in letters) >= 0.8 * len(letters) and len(stripped.split()) <= 8:
+        return True
+    first = stripped[0]
+    return not first.isalnum() and not first.isspace() and ord(first) > 0x2000 and any(c.isalpha() for c in stripped)
+
+
+def iter_sections(text: str) -> list[Section]:
+    """The policy's sections in order: Markdown headings, upper-case lines and emoji-led heading lines."""
+    sections: list[Section] = []
+    name, level, body = "", 0, []
+    first_line = True
+    for line in text.splitlines():
+        md = _MD_HEADING.match(line)
+        if md or (not first_line and _plain_heading(line)):
+            sections.append(Section(name, "\n".join(body).strip(), level))
+            name = _normalise_heading(md.group("name") if md else line)
+            level = len(md.group("hashes")) if md else 2
+            body = []
+        else:
+            body.append(line)
+        if line.strip():
+            first_line = False
+    sections.append(Section(name, "\n".join(body).strip(), level))
+    return [s for s in sections if s.name or s.body]
+
+
 def split_sections(text: str) -> dict[str, str]:
-    """``## NAME`` headings -> section bodies (text up to the next ``##``)."""
-    matches = list(_SECTION.finditer(text))
-    sections: dict[str, str] = {}
-    for i, m in enumerate(matches):
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        sections[m.group("name").upper()] = text[m.end() : end].strip()
-    return sections
+    """Section name (normalised) -> body; the first of two sections with one name wins."""
+    out: dict[str, str] = {}
+    for section in iter_sections(text):
+        if section.name:
+            out.setdefault(section.name, section.body)
+    return out
 
 
-def parse_rules(text: str) -> tuple[Rule, ...]:
-    sections = split_sections(text)
+def policy_title(text: str) -> str:
+    """The policy's name as its text gives it: the first Markdown H1, else the first non-empty line."""
+    for line in text.splitlines():
+        md = _MD_HEADING.match(line)
+        if md and len(md.group("hashes")) == 1:
+            return md.group("name").strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first.lstrip("#").strip()
+
+
+def section_label(name: str) -> int | None:
+    """1 / 0 when a heading says its rules violate / are safe; None when it does not say."""
+    n = name.upper()
+    if re.search(r"NOT\s+(?:A\s+)?VIOLAT|NON[- ]?VIOLAT|DOES NOT VIOLATE", n):
+        return 0
+    violating = r"NOT ALLOWED|NOT PERMITTED|DISALLOW|PROHIBIT|FORBIDDEN|BANNED|\bUNSAFE\b|\bINVALID\b|VIOLAT|\(1\)"
+    if re.search(violating, n):
+        return 1
+    if re.search(r"\bSAFE\b|\(0\)|ALLOWED|PERMITTED|ACCEPTABLE|\bBENIGN\b|\bVALID\b|EXEMPT", n):
+        return 0
+    return None
+
+
+def _output_label(body: str, fmt: AnswerFormat) -> tuple[int | None, bool]:
+    """What a section's ``Output:`` line says: (label or None, escalate)."""
+    label, escalate = None, False
+    violation, safe = fmt.label_words()
+    for m in _OUTPUT_LINE.finditer(body):
+        out = m.group("out").upper()
+        digits = fmt.kind != "label"
+        if re.search(rf"\b{re.escape(violation.upper())}\b", out) or (digits and re.search(r"\b1\b", out)):
+            label = 1
+        elif re.search(rf"(?<![A-Z]){re.escape(safe.upper())}\b", out) or (digits and re.search(r"\b0\b", out)):
+            label = 0
+        if "ESCALATE" in out or (fmt.escalate_label and fmt.escalate_label.upper() in out):
+            escalate = True
+    return label, escalate
+
+
+def rule_tier(rule_id: str) -> int | None:
+    m = re.match(r"[A-Z]+(\d+)\.", rule_id)
+    return int(m.group(1)) if m else None
+
+
+def parse_rules(text: str, fmt: AnswerFormat | None = None) -> tuple[Rule, ...]:
+    """Every rule line of the policy, each labelled by its section heading, its section's output line or its tier."""
+    fmt = fmt or AnswerFormat()
     rules: list[Rule] = []
-    for section, label in (("VIOLATES (1)", 1), ("SAFE (0)", 0)):
-        for m in _RULE_LINE.finditer(sections.get(section, "")):
-            rules.append(Rule(m.group("id"), label, m.group("text")))
+    for section in iter_sections(text):
+        if section.name in ("EXAMPLES",) or section.name.startswith("EXAMPLE"):
+            continue
+        heading_label = section_label(section.name)
+        output, escalate = _output_label(section.body, fmt)
+        for m in _RULE_LINE.finditer(section.body):
+            rule_id, rule_text = m.group("id"), m.group("text").strip()
+            if heading_label is not None:
+                label, source = heading_label, "section"
+            elif output is not None:
+                label, source = output, "output"
+            else:
+                label, source = (0 if rule_tier(rule_id) == 0 else 1), "tier"
+            own_escalate = bool(re.search(r"\bescalate\b", rule_text, re.IGNORECASE)) and label == 1
+            rules.append(Rule(rule_id, label, rule_text, escalate=(escalate and label == 1) or own_escalate,
+                              section=section.name, label_from=source))
     return tuple(rules)
 
 
-def parse_examples(text: str) -> tuple[Example, ...]:
-    """``Content: "..."`` / ``Answer: {json}`` pairs from the EXAMPLES section; unparseable answers raise."""
-    examples: list[Example] = []
-    for m in _EXAMPLE.finditer(split_sections(text).get("EXAMPLES", "")):
+def read_example_answer(answer: str, fmt: AnswerFormat) -> tuple[int, tuple[str, ...], str]:
+    """(label, cited rule ids, rationale) of an example's answer in the policy's format; ValueError otherwise."""
+    answer = answer.strip()
+    if answer.startswith("{"):
         try:
-            answer = json.loads(m.group("answer"))
+            data = json.loads(answer)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"example answer is not JSON: {m.group('answer')[:60]!r} ({exc})") from exc
-        cited = answer.get("rule_ids") or ([answer["policy_category"]] if answer.get("policy_category") else [])
-        examples.append(
-            Example(
-                text=m.group("text"),
-                label=int(answer.get("violation", -1)),
-                rule_ids=tuple(cited),
-                rationale=str(answer.get("rationale", "")),
-            )
-        )
-    return tuple(examples)
+            raise ValueError(f"example answer is not JSON: {answer[:60]!r} ({exc})") from exc
+        if not isinstance(data, dict) or "violation" not in data:
+            raise ValueError(f"example answer has no 'violation': {answer[:60]!r}")
+        value = data["violation"]
+        if isinstance(value, str) and value.strip() in ("0", "1"):
+            value = int(value.strip())
+        if value not in (0, 1) or isinstance(value, float):
+            raise ValueError(f"example answer's violation is not 0/1: {answer[:60]!r}")
+        cited = data.get("rule_ids") or ([data["policy_category"]] if data.get("policy_category") else [])
+        if isinstance(cited, str):
+            cited = [cited]
+        return int(value), tuple(str(c) for c in cited), str(data.get("rationale", ""))
+    ids = tuple(dict.fromkeys(re.findall(RULE_ID, answer)))
+    upper = answer.upper()
+    if fmt.kind == "label":
+        v = re.search(rf"\b{re.escape(fmt.violation_label.upper())}\b", upper)
+        s = re.search(rf"(?<![A-Z]){re.escape(fmt.safe_label.upper())}\b", upper)
+        if v or s:
+            label = 1 if v and (not s or v.start() <= s.start()) else 0
+            return label, ids, ""
+    m = re.match(r"^[\s\"'`]*([01])\b", answer)
+    if m:
+        return int(m.group(1)), ids, ""
+    raise ValueError(f"example answer is not in the policy's answer format ({fmt.describe()}): {answer[:60]!r}")
+
+
+def parse_examples(text: str, fmt: AnswerFormat | None = None) -> tuple[Example, ...]:
+    """``Content: "..."`` / ``Answer: ...`` pairs anywhere in the policy; unreadable answers raise ValueError."""
+    examples, _ = read_examples(text, fmt or AnswerFormat())
+    return examples
+
+
+def read_examples(text: str, fmt: AnswerFormat, *, strict: bool = True) -> tuple[tuple[Example, ...], tuple[str, ...]]:
+    examples: list[Example] = []
+    unreadable: list[str] = []
+    for m in _EXAMPLE.finditer(text):
+        try:
+            label, cited, rationale = read_example_answer(m.group("answer"), fmt)
+        except ValueError as exc:
+            if strict:
+                raise
+            unreadable.append(str(exc))
+            continue
+        examples.append(Example(text=m.group("text"), label=label, rule_ids=cited, rationale=rationale))
+    return tuple(examples), tuple(unreadable)
 
 
 def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
@@ -290,8 +486,10 @@ def _load_golden(path: Path) -> tuple[GoldenExample, ...]:
             unknown = set(row) - {"text", "ref", "label", "rule_id"}
             if unknown:
                 raise ValueError(f"unknown keys {', '.join(sorted(unknown))}")
+            if row["label"] not in (0, 1) or isinstance(row["label"], bool):
+                raise ValueError("label must be 0 or 1")
             rows.append(GoldenExample(
-                label=int(row["label"]), rule_id=str(row["rule_id"]), ref=str(row.get("ref", "")),
+                label=int(row["label"]), rule_id=str(row.get("rule_id") or ""), ref=str(row.get("ref", "")),
                 content=str(row["text"]) if "text" in row else None,
             ))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -306,17 +504,47 @@ def _effort(value: Any, where: str) -> Effort:
         raise PolicyError(f"{where}: effort {value!r} is not one of low/medium/high") from exc
 
 
-def load_policy(folder: Path, *, default_first: str = "low", default_escalated: str = "high") -> Policy:
-    """Load one policy folder. Raises :class:`PolicyError` naming the folder and the problem."""
-    policy_md, meta_path = folder / "policy.md", folder / "metadata.toml"
-    for required in (policy_md, meta_path):
-        if not required.is_file():
-            raise PolicyError(f"policy folder {folder}: missing {required.name}")
-    text = policy_md.read_text(encoding="utf-8")
-    try:
-        meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"policy folder {folder}: metadata.toml is not valid TOML ({exc})") from exc
+def policy_file(folder: Path) -> Path:
+    """The folder's policy text: ``policy.md`` or ``policy.txt`` (PolicyError when neither or both)."""
+    found = [folder / name for name in POLICY_FILES if (folder / name).is_file()]
+    if not found:
+        raise PolicyError(f"policy folder {folder}: missing policy.md (or policy.txt)")
+    if len(found) > 1:
+        raise PolicyError(f"policy folder {folder}: both policy.md and policy.txt; keep one")
+    return found[0]
+
+
+def load_policy(folder: Path, *, default_first: str = "low", default_escalated: str = "high",
+                text: str | None = None, file_name: str | None = None) -> Policy:
+    """Load one policy folder. Raises :class:`PolicyError` naming the folder and the problem.
+
+    Only what makes the folder unreadable raises (no policy text, metadata that is not valid TOML or has a value
+    of the wrong kind); everything else is for lint to report.
+
+    ``text`` loads another *version* of the policy: that text (a candidate, or a version the registry holds)
+    with the folder's metadata and golden set, which every version shares; its version is its own content hash
+    and ``file_name`` names where it came from (``policy.md`` or ``policy.txt`` by the text's kind otherwise).
+    """
+    meta_path = folder / "metadata.toml"
+    if text is None:
+        text_path = policy_file(folder)
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"policy folder {folder}: {text_path.name} is not UTF-8 text ({exc})") from exc
+        file_name = text_path.name
+    elif file_name is None:
+        file_name = next((p.name for p in (folder / n for n in POLICY_FILES) if p.is_file()), POLICY_FILES[0])
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"policy folder {folder}: metadata.toml is not valid TOML ({exc})") from exc
+    title = policy_title(text)
+    meta.setdefault("id", folder.name)
+    meta.setdefault("name", title or folder.name)
+    meta.setdefault("severity", DEFAULT_SEVERITY)
     for key in ("id", "name", "severity"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise PolicyError(f"policy folder {folder}: metadata.toml needs a string {key!r}")
@@ -336,13 +564,20 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
     if scope not in SCOPES:
         raise PolicyError(f"policy folder {folder}: scope {scope!r} not in {SCOPES}")
     effort = meta.get("effort", {})
+    if not isinstance(effort, dict):
+        raise PolicyError(f"policy folder {folder}: [effort] must be a table")
     try:
-        examples = parse_examples(text)
+        fmt = format_from_metadata(meta.get("answer"), text)
     except ValueError as exc:
         raise PolicyError(f"policy folder {folder}: {exc}") from exc
-    rules = parse_rules(text)
-    if not rules:
-        raise PolicyError(f"policy folder {folder}: policy.md defines no rules (- **XX1.a** text)")
+    lifecycle = meta.get("lifecycle", {})
+    if not isinstance(lifecycle, dict):
+        raise PolicyError(f"policy folder {folder}: [lifecycle] must be a table")
+    golden_bar = lifecycle.get("min_golden_accuracy")
+    if golden_bar is not None and (isinstance(golden_bar, bool) or not isinstance(golden_bar, (int, float))
+                                   or not 0 <= golden_bar <= 1):
+        raise PolicyError(f"policy folder {folder}: [lifecycle] min_golden_accuracy must be a number from 0 to 1")
+    examples, unreadable = read_examples(text, fmt, strict=False)
     text_hash = content_hash(text)
     return Policy(
         policy_id=meta["id"],
@@ -357,8 +592,14 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
         escalated_effort=_effort(effort.get("escalated", default_escalated), f"policy folder {folder}"),
         text=text,
         content_hash=text_hash,
-        rules=rules,
+        rules=parse_rules(text, fmt),
         examples=examples,
         golden=_load_golden(folder / "golden.jsonl"),
         folder=folder,
+        answer_format=fmt,
+        title=title,
+        policy_file=file_name,
+        metadata_missing=not meta_path.is_file(),
+        unreadable_examples=unreadable,
+        golden_bar=float(golden_bar) if golden_bar is not None else None,
     )

@@ -29,12 +29,12 @@ from pipeline.texts import text_hash
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-KEY_VERSION = "v1"  # bump when the normalisation or the stored shape changes
+KEY_VERSION = "v2"  # bump when the normalisation or the stored shape (ReasonerCall) changes
 _UNPREFIXED = Keyspace("")
 
 
 def cache_key(text: str, policy_version: str, effort: Effort, model: str) -> str:
-    """``rcache:v1:<model>:<policy version>:<effort>:<sha256 of the normalised text>`` (no content in the key;
+    """``rcache:v2:<model>:<policy version>:<effort>:<sha256 of the normalised text>`` (no content in the key;
     the model name is encoded like every caller-chosen key part), without the store's prefix."""
     return _UNPREFIXED.key(Namespace.VERDICT_CACHE, KEY_VERSION, model, policy_version, Effort(effort).value,
                            text_hash(text))

@@ -4,11 +4,20 @@ Why it is shaped like this:
 
 * One call per policy (the cookbook: one policy per call beats many per call), all in flight at once but bounded
   by ``triton.max_in_flight`` through one semaphore shared by every ``judge`` of this worker.
-* Nothing the model says is trusted blindly. Each answer is checked (:mod:`pipeline.reasoner.assess`): the strict
-  answer schema, the self-reported confidence, rule ids the policy does not define (hallucinated citations),
-  cited rules whose label disagrees with the answer, and a contradiction of a confident triage score. An answer
-  that fails any check, and every answer for a high-risk policy, is asked again at the escalated effort; what is
-  still unsettled at the top effort goes to review. Every call records why it was not accepted.
+* Nothing the model says is trusted blindly. Each answer is read in the policy's own answer format
+  (:mod:`pipeline.reasoner.answers`) and checked (:mod:`pipeline.reasoner.assess`): the format, the probability of
+  the verdict (token log-probabilities when the backend returns them, else the self-reported confidence), rule ids
+  the policy does not define (hallucinated citations), cited rules whose label disagrees with the answer, and a
+  contradiction of a confident triage score. An answer that fails any check, and every answer for a high-risk
+  policy, is asked again at the escalated effort; what is still unsettled at the top effort goes to review. Every
+  call records why it was not accepted.
+* Every call carries an output budget per effort (``reasoner.max_tokens_*``) that fits the model's context with
+  the prompt (:mod:`pipeline.reasoner.budget`: overlong content is cut by a documented rule, recorded on the call).
+  An answer cut off at its budget (``finish_reason == "length"``) is never parsed as if whole: it is asked once
+  more with ``truncation_retry_factor`` times the budget, then fails closed to review as ``truncated``. A policy
+  whose declared answer format cannot be read fails closed at once (``unsupported_format``), without a model call.
+* Tokens are counted per call (the backend's counts when it reports them) on every ReasonerCall and in
+  ``modpipe_reasoner_tokens_total{direction,policy,effort}``.
 * Several policies violated at once: the most severe policy leads the outcome (its rules first, its rationale
   first); a policy whose metadata says humans decide (``escalate_to_humans``) takes precedence over removal.
 * Fail closed: a call that still fails after bounded retries is recorded with ``error`` set and the item goes to
@@ -38,10 +47,12 @@ from pipeline.config import ReasonerSettings, TritonSettings
 from pipeline.errors import ModelOutputError, PolicyError, ReasonerTimeout, RetryableError
 from pipeline.policies import Policy, PolicyLibrary
 from pipeline.reasoner.assess import AssessmentBounds, assess
-from pipeline.reasoner.backends import Completion, GenerateTransport, ReasonerBackend
+from pipeline.reasoner.backends import Completion, GenerateTransport, ReasonerBackend, UnreadableCompletion
 from pipeline.reasoner.breaker import CircuitBreaker, CircuitOpen
+from pipeline.reasoner.budget import MIN_CONTENT_TOKENS, CallPlan, plan_call
 from pipeline.reasoner.cache import SingleFlight, VerdictCache, cache_key
 from pipeline.reasoner.harmony import parse_answer
+from pipeline.reasoner.logprobs import verdict_probability
 from pipeline.retry import Backoff, with_retries
 from pipeline.router import UNSETTLING, Assessment, ReasoningRoute, route_reasoning
 from pipeline.schemas import (
@@ -106,8 +117,10 @@ class SafeguardReasoner:
         if backend is None:
             from pipeline.reasoner.backends.triton import HarmonyBackend, TritonGrpcTransport
 
-            backend = HarmonyBackend(transport or TritonGrpcTransport(triton), triton.reasoner_model)
+            backend = HarmonyBackend(transport or TritonGrpcTransport(triton), triton.reasoner_model,
+                                     logprobs=reasoner.logprobs)
         self._backend: ReasonerBackend = backend
+        self._check_budgets()
         self._cache = cache
         self._single_flight = SingleFlight()
         self._breaker = breaker or CircuitBreaker(reasoner.breaker_failures, reasoner.breaker_reset_s)
@@ -116,6 +129,41 @@ class SafeguardReasoner:
         self._bounds = AssessmentBounds(
             reasoner.min_confidence, reasoner.triage_confident_above, reasoner.triage_confident_below
         )
+
+    def _check_budgets(self) -> None:
+        """Every policy's prompt and every effort's budget leave room for content in the context (a configuration
+        error at start, not a failure per call)."""
+        for policy in self._library:
+            self.check_policy(policy)
+
+    def check_policy(self, policy: Policy) -> None:
+        """PolicyError unless ``policy``'s prompt and each of its efforts' budgets leave room for content."""
+        for effort in (policy.first_effort, policy.escalated_effort):
+            room = (self._settings.max_model_len - self._backend.overhead_tokens(policy, effort)
+                    - self._settings.max_tokens_for(effort))
+            if room < MIN_CONTENT_TOKENS:
+                raise PolicyError(
+                    f"policy {policy.policy_id} {policy.version} at effort {effort.value}: its prompt and the output "
+                    f"budget ({self._settings.max_tokens_for(effort)}) leave {room} of reasoner.max_model_len "
+                    f"({self._settings.max_model_len}) tokens for content; raise max_model_len or lower the budget"
+                )
+
+    def overhead_tokens(self, policy: Policy, effort: Effort) -> int:
+        """Prompt tokens of ``policy`` at ``effort`` before any content (what a call costs at least)."""
+        return self._backend.overhead_tokens(policy, effort)
+
+    @property
+    def library(self) -> PolicyLibrary:
+        """The policies (at their enforcing versions) :meth:`judge` reads."""
+        return self._library
+
+    def use_library(self, library: PolicyLibrary) -> None:
+        """Judge with ``library`` from the next item on (a promotion or rollback the worker picked up). Every
+        policy must fit the context (PolicyError otherwise, and the current library stays); an item being judged
+        finishes with the library it started with, so no item is ever judged by no version or by two."""
+        for policy in library:
+            self.check_policy(policy)
+        self._library = library
 
     @property
     def model(self) -> str:
@@ -143,7 +191,9 @@ class SafeguardReasoner:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _complete_with_retries(self, policy: Policy, content: str, effort: Effort, request_id: str) -> Completion:
+    async def _complete_with_retries(
+        self, policy: Policy, content: str, effort: Effort, request_id: str, max_tokens: int
+    ) -> Completion:
         """Retry retryable failures with jittered bounded backoff, through the circuit breaker (an open breaker
         fails at once: retrying would only fail fast again)."""
 
@@ -152,7 +202,7 @@ class SafeguardReasoner:
             try:
                 async with self._in_flight:
                     completion = await asyncio.wait_for(
-                        self._backend.complete(policy, content, effort, f"{request_id}-a{n}"),
+                        self._backend.complete(policy, content, effort, f"{request_id}-a{n}", max_tokens=max_tokens),
                         timeout=self._triton.request_timeout_s,
                     )
             except (TimeoutError, asyncio.TimeoutError):
@@ -171,6 +221,10 @@ class SafeguardReasoner:
             attempt, stage="reasoning", attempts=self._triton.max_attempts, backoff=self._backoff,
             give_up=lambda error: isinstance(error, CircuitOpen),
         )
+
+    def _plan(self, policy: Policy, content: str, effort: Effort) -> CallPlan:
+        return plan_call(self._backend.overhead_tokens(policy, effort), content,
+                         self._settings.max_tokens_for(effort), self._settings.max_model_len)
 
     async def call(self, item: ContentItem, policy: Policy, effort: Effort) -> ReasonerCall:
         """One policy, one effort: from the verdict cache, or a model call. Never raises for model, transport or
@@ -212,24 +266,55 @@ class SafeguardReasoner:
         started = time.perf_counter()
         request_id = f"{item.content_id}:{policy.policy_id}:{effort.value}:{uuid.uuid4().hex[:8]}"
         logger.debug("reasoner request %s: content=%r", request_id, item.text)
-        base = {"policy": policy.ref(), "model": self.model, "effort": effort}
+        base: dict = {"policy": policy.ref(), "model": self.model, "effort": effort}
+        fmt = policy.answer_format
+        if not fmt.supported:
+            return ReasonerCall(**base, error=f"PolicyError: policy {policy.policy_id} declares answer format "
+                                f"{fmt.kind!r}, which this reasoner cannot read (json, label, binary)",
+                                failure=CallFailure.UNSUPPORTED_FORMAT, latency_ms=0.0)
+        plan = self._plan(policy, item.text, effort)
+        base["content_cut"] = plan.content_cut
+        spent = {"input": 0, "output": 0}
+        completion: Completion | None = None
+        budget, retries = plan.max_tokens, 0
         try:
-            completion = await self._complete_with_retries(policy, item.text, effort, request_id)
+            completion = await self._complete_with_retries(policy, plan.content, effort, request_id, budget)
+            self._spend(spent, policy, effort, completion)
+            if _truncated(completion, budget):
+                larger = min(int(budget * self._settings.truncation_retry_factor),
+                             self._settings.max_model_len - (completion.prompt_tokens or plan.prompt_tokens))
+                if larger > budget:
+                    logger.info("reasoner call %s cut off at %d tokens; asking again with %d", request_id, budget,
+                                larger)
+                    budget, retries = larger, 1
+                    completion = await self._complete_with_retries(policy, plan.content, effort,
+                                                                   f"{request_id}-t1", budget)
+                    self._spend(spent, policy, effort, completion)
+            if _truncated(completion, budget):
+                again = ", also after a retry with a larger budget" if retries else ""
+                return self._failed(
+                    base, started, effort, spent, completion, budget, retries, CallFailure.TRUNCATED,
+                    f"TruncatedOutput: the answer was cut off at {budget} output tokens (finish_reason "
+                    f"{completion.finish_reason or 'not reported'}{again})",
+                )
             answer = parse_answer(completion.final, policy)
         except (RetryableError, ModelOutputError) as exc:
-            latency = (time.perf_counter() - started) * 1000
-            outcome = "unavailable" if isinstance(exc, RetryableError) else "invalid"
-            metrics.reasoner_latency_seconds.labels(self.model, effort.value, outcome).observe(latency / 1000)
             logger.warning("reasoner call %s failed: %s: %s", request_id, type(exc).__name__, exc)
-            return ReasonerCall(**base, error=f"{type(exc).__name__}: {exc}", failure=_failure_kind(exc),
-                                latency_ms=latency)
+            if isinstance(exc, UnreadableCompletion):  # the server answered: what it spent still counts
+                completion = exc.completion
+                self._spend(spent, policy, effort, completion)
+            name = "ModelOutputError" if isinstance(exc, UnreadableCompletion) else type(exc).__name__
+            return self._failed(base, started, effort, spent, completion, budget, retries, _failure_kind(exc),
+                                f"{name}: {exc}")
         latency = (time.perf_counter() - started) * 1000
         metrics.reasoner_latency_seconds.labels(self.model, effort.value, "ok").observe(latency / 1000)
         if answer.invalid_rule_ids:
             logger.info("reasoner call %s cited undefined rules %s", request_id, answer.invalid_rule_ids)
+        probability = verdict_probability(completion.logprobs, completion.final, answer)
         logger.info(
-            "reasoner call %s: violation=%s confidence=%s rules=%s in %.0f ms",
-            request_id, answer.violation, answer.confidence, answer.rule_ids, latency,
+            "reasoner call %s: violation=%s confidence=%s p=%s rules=%s tokens %s/%s in %.0f ms",
+            request_id, answer.violation, answer.confidence, probability, answer.rule_ids, spent["input"],
+            spent["output"], latency,
         )
         call = ReasonerCall(
             **base,
@@ -242,7 +327,9 @@ class SafeguardReasoner:
             policy_category=answer.policy_category,
             analysis=_cap(completion.analysis, self._settings.analysis_max_chars),
             output_errors=answer.output_errors,
-            completion_tokens=completion.completion_tokens,
+            escalate=answer.escalate,
+            verdict_probability=probability,
+            **self._usage(spent, completion, budget, retries),
         )
         if self._cache is not None and self._settings.cache_enabled:
             try:
@@ -250,6 +337,35 @@ class SafeguardReasoner:
             except Exception as exc:  # noqa: BLE001 -- a failed cache write only costs a later model call
                 logger.warning("verdict cache write failed (%s: %s)", type(exc).__name__, exc)
         return call
+
+    @staticmethod
+    def _spend(spent: dict[str, int], policy: Policy, effort: Effort, completion: Completion) -> None:
+        metrics.reasoner_tokens(policy.policy_id, effort.value, completion.prompt_tokens, completion.completion_tokens)
+        spent["input"] += completion.prompt_tokens or 0
+        spent["output"] += completion.completion_tokens or 0
+
+    @staticmethod
+    def _usage(spent: dict[str, int], completion: Completion | None, budget: int, retries: int) -> dict:
+        counted = completion is not None and (completion.prompt_tokens is not None
+                                              or completion.completion_tokens is not None)
+        return {
+            "prompt_tokens": spent["input"] if counted else None,
+            "completion_tokens": spent["output"] if counted else None,
+            "tokens_from_backend": completion.tokens_from_backend if completion is not None else None,
+            "max_tokens": budget,
+            "finish_reason": completion.finish_reason if completion is not None else None,
+            "truncation_retries": retries,
+        }
+
+    def _failed(self, base: dict, started: float, effort: Effort, spent: dict[str, int], completion: Completion | None,
+                budget: int, retries: int, failure: CallFailure, error: str) -> ReasonerCall:
+        latency = (time.perf_counter() - started) * 1000
+        outcome = {CallFailure.UNAVAILABLE: "unavailable", CallFailure.TIMEOUT: "unavailable",
+                   CallFailure.TRUNCATED: "truncated"}.get(failure, "invalid")
+        metrics.reasoner_latency_seconds.labels(self.model, effort.value, outcome).observe(latency / 1000)
+        analysis = _cap(completion.analysis, self._settings.analysis_max_chars) if completion is not None else ""
+        return ReasonerCall(**base, error=error, failure=failure, latency_ms=latency, analysis=analysis,
+                            **self._usage(spent, completion, budget, retries))
 
     # -- judging an item ----------------------------------------------------------------------------------------
 
@@ -261,8 +377,17 @@ class SafeguardReasoner:
         ``triage`` (the escalation's scores) lets an answer that contradicts a confident triage score be checked
         again at the escalated effort.
         """
+        library = self._library  # one snapshot per item: a swap meanwhile applies to the next item
+        policies = [library.get(pid) for pid in dict.fromkeys(policy_ids or library.default_ids())]
+        return await self.judge_policies(item, policies, triage)
+
+    async def judge_policies(
+        self, item: ContentItem, policies: list[Policy], triage: TriageScores | None = None
+    ) -> ReasonerOutcome:
+        """Judge ``item`` against exactly these policy versions, with the same effort escalation and checks as
+        :meth:`judge`. How shadow judgements, backtests and retroaction ask about a version that is not (or not
+        yet) the enforcing one; nothing here publishes anything, the caller decides what the outcome is for."""
         started = time.perf_counter()
-        policies = [self._library.get(pid) for pid in dict.fromkeys(policy_ids or self._library.default_ids())]
         if not policies:
             raise PolicyError("no policy to judge against")
         by_id = {p.policy_id: p for p in policies}
@@ -337,14 +462,26 @@ def build_reasoner(settings: Settings, library: PolicyLibrary) -> SafeguardReaso
         from pipeline.reasoner.backends.openai import OpenAIChatBackend
 
         backend = OpenAIChatBackend(settings.reasoner, settings.triton.request_timeout_s)
+    elif settings.reasoner.backend == "ollama":
+        from pipeline.reasoner.backends.ollama import OllamaChatBackend
+
+        backend = OllamaChatBackend(settings.reasoner, settings.triton.request_timeout_s)
     else:
         from pipeline.reasoner.backends.triton import HarmonyBackend, TritonGrpcTransport
 
-        backend = HarmonyBackend(TritonGrpcTransport(settings.triton), settings.triton.reasoner_model)
+        backend = HarmonyBackend(TritonGrpcTransport(settings.triton), settings.triton.reasoner_model,
+                                 logprobs=settings.reasoner.logprobs)
     cache = (
         RedisVerdictCache(settings.redis, settings.reasoner.cache_ttl_s) if settings.reasoner.cache_enabled else None
     )
     return SafeguardReasoner(settings.triton, settings.reasoner, library, backend=backend, cache=cache)
+
+
+def _truncated(completion: Completion, budget: int) -> bool:
+    """Cut off at the budget: the server says so, or (a server that reports no finish reason) it used all of it."""
+    if completion.finish_reason is not None:
+        return completion.finish_reason == "length"
+    return completion.completion_tokens is not None and completion.completion_tokens >= budget and not completion.final
 
 
 def _failure_kind(exc: Exception) -> CallFailure:

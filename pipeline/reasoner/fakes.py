@@ -2,8 +2,12 @@
 
 * :class:`ScriptedTransport` replaces Triton under a real :class:`~pipeline.reasoner.SafeguardReasoner`, so the
   effort escalation, retries, parsing and routing are exercised without a server. Each step answers one
-  ``(policy_id, effort)`` with a completion text or an exception.
+  ``(policy_id, effort)`` with a completion text (a finished answer), a
+  :class:`~pipeline.reasoner.backends.GenerateResult` (finish reason, token counts, log-probabilities: e.g. a
+  truncated answer) or an exception. Every prompt and every ``sampling_parameters`` dict sent is recorded.
 * :class:`ScriptedReasoner` replaces the whole reasoner for worker tests: a ready-made outcome per content id.
+* Real HTTP fakes of ``vllm serve`` and Ollama live in :mod:`pipeline.reasoner.fake_servers`; the CPU stand-in on
+  Triton imitates the vLLM backend (``triton_repo/cpu/safeguard_standin_cpu``).
 
 Unscripted use raises :class:`UnscriptedCall` (an AssertionError, which the reasoner never catches), and
 ``assert_done()`` fails when scripted steps were never used.
@@ -16,9 +20,10 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from pipeline.reasoner.harmony import render_completion
 from pipeline.policies import PolicyLibrary
+from pipeline.reasoner.backends import GenerateResult
 from pipeline.reasoner.core import ReasonerOutcome
+from pipeline.reasoner.harmony import render_completion
 from pipeline.schemas import ContentItem, TriageScores
 
 
@@ -52,10 +57,11 @@ class ScriptedTransport:
     """A GenerateTransport answering from a script keyed by ``(policy_id, effort)``, in order per key."""
 
     library: PolicyLibrary
-    script: dict[tuple[str, str], list[str | BaseException]] = field(default_factory=dict)
+    script: dict[tuple[str, str], list[str | GenerateResult | BaseException]] = field(default_factory=dict)
     is_ready: bool = True
     calls: list[tuple[str, str]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # every prompt sent, for tests of what the model is told
+    sampling: list[dict] = field(default_factory=list)  # every sampling_parameters dict sent
     started: bool = False
     closed: bool = False
 
@@ -78,10 +84,11 @@ class ScriptedTransport:
             raise UnscriptedCall("prompt names no known policy or effort")
         return policy_id, effort.group(1)
 
-    async def generate(self, prompt: str, request_id: str) -> str:
+    async def generate(self, prompt: str, request_id: str, sampling: dict | None = None) -> str | GenerateResult:
         key = self._identify(prompt)
         self.calls.append(key)
         self.prompts.append(prompt)
+        self.sampling.append(dict(sampling or {}))
         steps = self._queues.get(key)
         if not steps:
             raise UnscriptedCall(f"unscripted generate call for {key} (request {request_id})")

@@ -17,10 +17,11 @@ and the model answers ``<|channel|>analysis<|message|>...<|end|><|start|>assista
 Content is untrusted. It goes only into the user message, after :func:`neutralise` has made every ``<|...|>``
 marker inert, so a post cannot close the user message and forge a developer message ("ignore the policy").
 
-The final answer is held to a strict schema (:class:`StrictAnswer`: exactly ``violation`` 0/1, ``policy_category``,
-``rule_ids``, ``confidence`` 0-1 and ``rationale``, nothing else). :func:`parse_answer` still reads what it can
-from a sloppy answer, but every departure from the schema is listed in ``Answer.output_errors`` so the reasoner
-asks again at a higher effort instead of trusting it.
+Reading the answer inside the final channel is :mod:`pipeline.reasoner.answers` (each policy declares its format).
+:func:`parse_completion` fails with a clear reason for each way the real model's output is known to break
+(reported against vLLM and llama.cpp for gpt-oss): no final channel (the model stopped in its analysis), an empty
+final channel, a malformed channel header, no channel markers at all (decoded with special tokens skipped), and it
+ignores anything after the first ``<|return|>``.
 
 :func:`load_reference_encoding` loads the ``openai-harmony`` reference implementation offline (its o200k vocabulary
 rebuilt from the ``quicktok`` package), so tests can hold this renderer to the format's own implementation.
@@ -30,22 +31,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ModelOutputError, PolicyError
+from pipeline.reasoner.answers import Answer, parse_answer
 from pipeline.schemas import Effort
 
-if TYPE_CHECKING:
-    from pipeline.policies import Policy
+__all__ = ["Answer", "parse_answer", "parse_completion", "parse_messages", "render_completion", "render_prompt",
+           "neutralise", "HarmonyOutput", "HarmonyMessage"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,127 +132,44 @@ def parse_messages(text: str) -> list[HarmonyMessage]:
     return messages
 
 
+_CHANNELS = ("analysis", "commentary", "final")
+_STOPS = re.compile(r"<\|(?:return|call)\|>")
+
+
 def parse_completion(text: str) -> HarmonyOutput:
-    """The analysis and final channels of a completion (raw ``text_output``, special tokens kept)."""
-    assistant = [m for m in parse_messages(text) if m.role == "assistant"]
-    finals = [m.body for m in assistant if m.channel == "final"]
-    if not finals:
-        raise ModelOutputError("completion has no final channel")
-    analysis = "\n".join(m.body.strip() for m in assistant if m.channel == "analysis")
-    return HarmonyOutput(analysis=analysis, final=finals[-1].strip())
+    """The analysis and final channels of a completion (raw ``text_output``, special tokens kept).
 
-
-class StrictAnswer(BaseModel):
-    """The final channel's answer exactly as every policy's INSTRUCTIONS ask for it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    violation: int = Field(..., ge=0, le=1)
-    policy_category: str | None
-    rule_ids: list[str]
-    confidence: float = Field(..., ge=0, le=1)
-    rationale: str = Field(..., min_length=1, max_length=1000)
-
-
-@dataclass(frozen=True)
-class Answer:
-    violation: bool
-    confidence: float | None
-    rule_ids: list[str]
-    invalid_rule_ids: list[str]
-    rationale: str
-    policy_category: str | None = None
-    output_errors: list[str] = field(default_factory=list)
-
-
-def strict_errors(data: Any) -> list[str]:
-    """Every way ``data`` (the decoded final answer) departs from :class:`StrictAnswer`; empty when it conforms."""
-    if isinstance(data, dict) and isinstance(data.get("confidence"), int) and not isinstance(data["confidence"], bool):
-        data = {**data, "confidence": float(data["confidence"])}  # 1 is as good as 1.0
-    try:
-        StrictAnswer.model_validate(data)
-    except ValidationError as exc:
-        return [f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}" for e in exc.errors()][:10]
-    return []
-
-
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
-
-
-def _to_violation(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
-        return value.strip().lower() in ("1", "true")
-    raise ModelOutputError(f"'violation' is not 0/1: {str(value)[:40]!r}")
-
-
-def _to_confidence(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None  # confidence is a self-report; a missing one only means "unsure" to the router
-    if 1 < number <= 100:
-        number /= 100  # "85" or "85%"-style answers
-    return number if 0 <= number <= 1 else None
-
-
-def parse_answer(final: str, policy: Policy) -> Answer:
-    """Read the final channel's answer. Tolerates code fences, prose around the JSON and a bare ``0``/``1``.
-
-    Rule ids are checked against the policy: ids it does not define go to ``invalid_rule_ids`` (a known
-    failure of the model is citing rules that do not exist). Raises :class:`ModelOutputError` when no
-    violation value can be read.
+    Everything after the first ``<|return|>`` / ``<|call|>`` is ignored (the model's turn ended there). Raises
+    :class:`ModelOutputError` with the reason when there is no usable final channel.
     """
-    text = final.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    wrapped = ["the answer is wrapped in a code fence"] if fenced else []
-    if text in ("0", "1"):
-        return Answer(text == "1", None, [], [], "", output_errors=wrapped + ["a bare 0/1, not the JSON object"])
-    data: Any = None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        start, end = text.find("{"), text.rfind("}")
-        if 0 <= start < end:
-            try:
-                data = json.loads(text[start : end + 1])
-                wrapped.append("text around the JSON object")
-            except json.JSONDecodeError:
-                data = None
-    if isinstance(data, (int, bool)) and not isinstance(data, float):
-        return Answer(_to_violation(data), None, [], [], "", output_errors=wrapped + ["a bare 0/1, not the JSON object"])
-    if not isinstance(data, dict) or "violation" not in data:
-        raise ModelOutputError(f"final answer is not a JSON object with 'violation' ({len(final)} chars)")
-    violation = _to_violation(data["violation"])
-    category = data.get("policy_category")
-    category = str(category).strip() or None if category is not None else None
-    cited = data.get("rule_ids", [])
-    if isinstance(cited, str):
-        cited = [cited]
-    if not isinstance(cited, list):
-        cited = []
-    known = policy.rule_ids
-    seen: list[str] = []
-    for rule_id in [str(c).strip() for c in cited] + ([category] if category else []):
-        if rule_id and rule_id not in seen:
-            seen.append(rule_id)
-    rationale = data.get("rationale", "")
-    return Answer(
-        violation=violation,
-        confidence=_to_confidence(data.get("confidence")),
-        rule_ids=[r for r in seen if r in known],
-        invalid_rule_ids=[r for r in seen if r not in known],
-        rationale=rationale if isinstance(rationale, str) else json.dumps(rationale),
-        policy_category=category,
-        output_errors=wrapped + strict_errors(data),
-    )
+    stop = _STOPS.search(text)
+    if stop is not None:
+        text = text[: stop.start()]
+    if CHANNEL not in text and MESSAGE not in text:
+        raise ModelOutputError(
+            "completion has no harmony channel markers (decoded with special tokens skipped? "
+            "the Triton client must send skip_special_tokens: false)" if text.strip() else "completion is empty"
+        )
+    messages = parse_messages(text)
+    assistant = [m for m in messages if m.role == "assistant"]
+    finals = [m for m in assistant if m.channel == "final"]
+    analysis = "\n".join(m.body.strip() for m in assistant if m.channel == "analysis")
+    if not finals:
+        odd = sorted({m.channel or "(none)" for m in assistant if m.channel not in _CHANNELS})
+        if odd:
+            raise ModelOutputError(f"completion has a malformed channel header ({', '.join(odd)[:60]}) and no final "
+                                   "channel")
+        tail = text.rsplit(START, 1)[-1]
+        if CHANNEL in tail and MESSAGE not in tail:
+            raise ModelOutputError("completion ends in a channel header without a message (malformed or cut off)")
+        if analysis:
+            raise ModelOutputError("completion has no final channel (analysis only: the model stopped before "
+                                   "answering)")
+        raise ModelOutputError("completion has no final channel")
+    final = finals[-1].body.strip()
+    if not final:
+        raise ModelOutputError("completion's final channel is empty")
+    return HarmonyOutput(analysis=analysis, final=final)
 
 
 # -- the reference implementation, offline ------------------------------------------------------------------------

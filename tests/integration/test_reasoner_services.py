@@ -66,10 +66,14 @@ def test_policy_test_cli_scores_the_golden_set(local_stack: StackInfo, tmp_path:
     c = report["confusion"]
     assert report["rows"] == len(LIB.get("violence").golden) == c["tp"] + c["fp"] + c["fn"] + c["tn"] + c["no_answer"]
     assert c["no_answer"] == 0 and report["hallucinated_citations"] == 0 and report["schema_violations"] == 0
-    assert report["accuracy"] >= 0.55 and 0 < report["f1"] <= 1  # the stand-in scores 0.65 here (low effort)
+    assert report["truncated_or_unparseable_share"] == 0 and report["truncation_retries"] == 0
+    assert report["accuracy"] >= 0.55 and 0 < report["f1"] <= 1  # the stand-in is weak: see docs/POLICIES.md
     assert report["false_positive_traps"]["rows"] >= 10
-    assert report["completion_tokens"]["mean"] > 0 and report["latency_ms"]["p50"] > 0
-    assert "confusion matrix" in result.output
+    assert report["completion_tokens"]["mean"] > 0 and report["prompt_tokens"]["mean"] > 500
+    assert report["tokens_from_backend"] and report["latency_ms"]["p50"] > 0
+    for source in ("self_report", "logprob"):
+        assert 0 <= report["calibration"][source]["ece"] <= 1 and report["calibration"][source]["rows"] == report["rows"]
+    assert "confusion matrix" in result.output and "ECE" in result.output
 
 
 def test_bench_keeps_calls_in_flight_and_serves_duplicates_from_cache(tmp_path: Path) -> None:
@@ -84,4 +88,6 @@ def test_bench_keeps_calls_in_flight_and_serves_duplicates_from_cache(tmp_path: 
     assert report["model_calls"] == report["items"] - report["duplicates"]
     # serialised calls would give 10 items/s; the ceiling is 160 (16 in flight / 0.1 s)
     assert report["items_per_s"] > 60
+    assert report["per_1000_items"]["model_calls"] == round(report["model_calls"] * 1000 / 160, 1)
+    assert report["per_1000_items"]["input_tokens"] > 0 and report["per_1000_items"]["output_tokens"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["items"] == 160

@@ -165,3 +165,44 @@ def test_completion_parsing_agrees_with_openai_harmony(reference, violence) -> N
     ours = parse_completion(text)
     assert (ours.analysis, ours.final) == ("The content is about software.", final)
     assert parse_answer(ours.final, violence).output_errors == []
+
+
+# -- the ways gpt-oss output is known to break (reported against vLLM and llama.cpp): each ends in a clear reason ---
+
+A = "<|channel|>analysis<|message|>The user asks about a process.<|end|>"
+
+
+@pytest.mark.parametrize("text,reason", [
+    (A, "no final channel \\(analysis only"),  # the model stopped in its analysis
+    (A + "<|start|>assistant<|channel|>final<|message|><|return|>", "final channel is empty"),
+    (A + '<|start|>assistant<|channel|>fnal<|message|>{"violation": 1}<|return|>', "malformed channel header \\(fnal"),
+    (A + '<|start|>assistant<|channel|>final{"violation": 1}', "channel header without a message"),
+    ('analysisThe user asks about a process.assistantfinal{"violation": 0}', "skip_special_tokens"),
+    ("", "completion is empty"),
+])
+def test_harmony_failure_modes_end_in_a_clear_reason(text: str, reason: str) -> None:
+    with pytest.raises(ModelOutputError, match=reason):
+        parse_completion(text)
+
+
+def test_constrained_json_final_channel_is_read() -> None:
+    out = parse_completion(A + '<|start|>assistant<|channel|>final <|constrain|>json<|message|>{"violation": 1}<|return|>')
+    assert out.final == '{"violation": 1}' and out.analysis == "The user asks about a process."
+
+
+def test_text_after_return_is_ignored() -> None:
+    text = (A + '<|start|>assistant<|channel|>final<|message|>{"violation": 1}<|return|>'
+            '<|start|>assistant<|channel|>final<|message|>{"violation": 0}<|return|>')
+    assert parse_completion(text).final == '{"violation": 1}'
+
+
+def test_final_without_end_of_turn_is_read_when_the_server_strips_it() -> None:
+    # vLLM leaves the stop token out of text_output (include_stop_str_in_output false): the turn still ended
+    assert parse_completion(A + '<|start|>assistant<|channel|>final<|message|>{"violation": 0}').final == '{"violation": 0}'
+
+
+def test_commentary_before_final_is_not_the_answer() -> None:
+    text = A + "<|start|>assistant<|channel|>commentary<|message|>a note<|end|>" \
+        '<|start|>assistant<|channel|>final<|message|>{"violation": 0}<|return|>'
+    out = parse_completion(text)
+    assert out.final == '{"violation": 0}' and "a note" not in out.analysis

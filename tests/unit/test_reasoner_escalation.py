@@ -107,7 +107,7 @@ def test_policies_are_judged_in_parallel_and_aggregated_by_severity() -> None:
     seen: list[str] = []
 
     class Parallel(ScriptedTransport):
-        async def generate(self, prompt: str, request_id: str) -> str:
+        async def generate(self, prompt: str, request_id: str, sampling: dict | None = None) -> str:
             seen.append(request_id)
             if len(seen) == 2:
                 gate.set()
@@ -171,7 +171,7 @@ def test_identical_calls_in_flight_are_collapsed() -> None:
     cache = InMemoryVerdictCache()
 
     class Slow(ScriptedTransport):
-        async def generate(self, prompt: str, request_id: str) -> str:
+        async def generate(self, prompt: str, request_id: str, sampling: dict | None = None) -> str:
             await asyncio.sleep(0.05)
             return await super().generate(prompt, request_id)
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible chat backend behind the same reasoner interface (httpx MockTransport, no server)."""
+"""The OpenAI-compatible and Ollama chat backends behind the same reasoner interface (httpx MockTransport, no
+server; the HTTP fakes of vllm serve and Ollama are exercised in tests/integration/test_reasoner_servers.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ LIB = PolicyLibrary.load(PROJECT_ROOT / "policies")
 FAST = TritonSettings(backoff_initial_s=0.001, backoff_max_s=0.002, max_attempts=2)
 
 
-def reply(final: dict, reasoning: str = "thinking about the rules", key: str = "reasoning_content") -> httpx.Response:
-    message = {"role": "assistant", "content": json.dumps(final), key: reasoning}
-    return httpx.Response(200, json={"choices": [{"message": message}], "usage": {"completion_tokens": 42}})
+def reply(final: dict | str | None, reasoning: str = "thinking about the rules", key: str = "reasoning_content",
+          finish: str | None = "stop") -> httpx.Response:
+    content = json.dumps(final) if isinstance(final, dict) else final
+    message = {"role": "assistant", "content": content, key: reasoning}
+    return httpx.Response(200, json={"choices": [{"message": message, "finish_reason": finish}],
+                                     "usage": {"prompt_tokens": 700, "completion_tokens": 42}})
 
 
 def reasoner_with(handler) -> tuple[SafeguardReasoner, list[dict]]:  # type: ignore[no-untyped-def]
@@ -52,8 +56,12 @@ def test_chat_request_carries_policy_content_and_effort() -> None:
     assert body["reasoning_effort"] == "low" and body["model"] == "gpt-oss-safeguard"
     assert body["messages"][0] == {"role": "system", "content": LIB.get("violence").text.strip()}
     assert body["messages"][1]["role"] == "user" and "<|" not in body["messages"][1]["content"]
+    # every parameter the reading depends on: budget, greedy, no stream, logprobs for the verdict's probability
+    assert (body["max_tokens"], body["temperature"], body["stream"]) == (4096, 0, False)
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 5)
     call = outcome.calls[0]
-    assert call.analysis == "thinking about the rules" and call.completion_tokens == 42 and call.output_errors == []
+    assert call.analysis == "thinking about the rules" and call.output_errors == []
+    assert (call.prompt_tokens, call.completion_tokens, call.tokens_from_backend, call.finish_reason) == (700, 42, True, "stop")
 
 
 def test_ollama_style_reasoning_field_is_read() -> None:
@@ -72,11 +80,13 @@ def test_server_errors_are_retried_then_fail_closed() -> None:
 
 
 def test_bad_request_is_an_unusable_answer_not_a_retry() -> None:
-    reasoner, seen = reasoner_with(lambda r: httpx.Response(400, json={"error": "bad"}))
+    message = "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens"
+    reasoner, seen = reasoner_with(lambda r: httpx.Response(400, json={"error": {"message": message, "code": 400}}))
     outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o4", text="x"), ["violence"]))
     assert [s["body"]["reasoning_effort"] for s in seen] == ["low", "high"]  # asked again harder, once each
     assert outcome.review_reason is ReviewReason.REASONER_FAILED
-    assert all("ModelOutputError" in (c.error or "") for c in outcome.calls)
+    assert all("ModelOutputError" in (c.error or "") and "maximum context length" in (c.error or "")
+               for c in outcome.calls)
 
 
 def test_connection_refused_is_unavailable() -> None:
@@ -97,3 +107,86 @@ def test_endpoint_urls() -> None:
     with pytest.raises(ValueError):
         parse_endpoint("triton://host:1/")
     assert Effort("high") is Effort.HIGH
+
+
+GOOD = {"violation": 0, "policy_category": "VI0.a", "rule_ids": ["VI0.a"], "confidence": 0.9, "rationale": "idiom"}
+
+
+def test_length_finish_is_truncation_retried_with_a_larger_budget() -> None:
+    replies = iter([reply(None, "thinking and thinking", finish="length"), reply(GOOD)])
+    reasoner, seen = reasoner_with(lambda r: next(replies))
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o6", text="kill the process"), ["violence"]))
+    assert [s["body"]["max_tokens"] for s in seen] == [4096, 8192]
+    assert outcome.route is ReasoningRoute.ALLOW and outcome.calls[0].truncation_retries == 1
+
+
+@pytest.mark.parametrize("content", [None, "", "   "])
+def test_empty_content_with_a_stop_reason_is_an_unusable_answer(content: str | None) -> None:
+    reasoner, seen = reasoner_with(lambda r: reply(content, "I considered the rules", finish="stop"))
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o7", text="x"), ["violence"]))
+    assert "empty final answer (finish_reason stop): the model wrote only its analysis" in (outcome.calls[0].error or "")
+    assert outcome.review_reason is ReviewReason.REASONER_FAILED
+
+
+def test_channels_a_server_did_not_split_are_read() -> None:
+    raw = 'analysisThe post is about software.assistantfinal' + json.dumps(GOOD)  # decoded with specials skipped
+    reasoner, _ = reasoner_with(lambda r: reply(raw, ""))
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o8", text="x"), ["violence"]))
+    assert outcome.route is ReasoningRoute.ALLOW and outcome.calls[0].analysis == "The post is about software."
+    harmony = "<|channel|>analysis<|message|>about software<|end|><|start|>assistant<|channel|>final<|message|>" + \
+        json.dumps(GOOD) + "<|return|>"
+    reasoner, _ = reasoner_with(lambda r: reply(harmony, ""))
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o9", text="x"), ["violence"]))
+    assert outcome.route is ReasoningRoute.ALLOW and outcome.calls[0].analysis == "about software"
+
+
+def test_openai_logprobs_give_the_verdict_probability() -> None:
+    final = json.dumps(GOOD)
+    head, tail = final.split("0", 1)
+    logprobs = {"content": [{"token": "thinking", "logprob": -0.1, "top_logprobs": []},
+                            {"token": head, "logprob": -0.01, "top_logprobs": []},
+                            {"token": "0", "logprob": -0.105, "top_logprobs": [{"token": "0", "logprob": -0.105},
+                                                                               {"token": "1", "logprob": -2.3}]},
+                            {"token": tail, "logprob": -0.01, "top_logprobs": []}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = reply(GOOD)
+        data = response.json()
+        data["choices"][0]["logprobs"] = logprobs
+        return httpx.Response(200, json=data)
+
+    reasoner, _ = reasoner_with(handler)
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="o10", text="kill the process"), ["violence"]))
+    p = outcome.calls[0].verdict_probability
+    assert p is not None and abs(p - 0.1003 / (0.1003 + 0.9003)) < 0.01
+
+
+def test_ollama_native_request_sets_stream_think_and_the_context() -> None:
+    from pipeline.reasoner.backends.ollama import OllamaChatBackend
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append({"url": str(request.url), "body": json.loads(request.content)})
+        return httpx.Response(200, json={
+            "model": "gpt-oss-safeguard:20b", "done": True, "done_reason": "stop", "prompt_eval_count": 690,
+            "eval_count": 88, "message": {"role": "assistant", "content": json.dumps(GOOD), "thinking": "ollama thoughts"},
+        })
+
+    settings = ReasonerSettings(backend="ollama", ollama_url="http://ollama.test", max_model_len=24576)
+    backend = OllamaChatBackend(settings, 5.0, transport=httpx.MockTransport(handler))
+    reasoner = SafeguardReasoner(FAST, settings, LIB, backend=backend)
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="ol1", text="kill the process"), ["violence"]))
+    body = seen[0]["body"]
+    assert seen[0]["url"] == "http://ollama.test/api/chat" and body["model"] == "gpt-oss-safeguard:20b"
+    assert (body["stream"], body["think"]) == (False, "low")
+    assert body["options"] == {"num_ctx": 24576, "num_predict": 4096, "temperature": 0}
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 5)
+    call = outcome.calls[0]
+    assert outcome.route is ReasoningRoute.ALLOW and call.analysis == "ollama thoughts"
+    assert (call.prompt_tokens, call.completion_tokens, call.finish_reason) == (690, 88, "stop")
+
+
+def test_ollama_endpoint_url() -> None:
+    e = parse_endpoint("ollama://127.0.0.1:11434/gpt-oss-safeguard:20b")
+    assert (e.kind, e.address, e.model) == ("ollama", "http://127.0.0.1:11434", "gpt-oss-safeguard:20b")

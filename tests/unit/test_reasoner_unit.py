@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 
 from pipeline.config import PROJECT_ROOT, ReasonerSettings, TritonSettings
 from pipeline.errors import PolicyError, ReasonerUnavailable
-from pipeline.reasoner.harmony import render_completion
-from pipeline.policies import PolicyLibrary
+from pipeline.policies import AnswerFormat, PolicyLibrary
+from pipeline.reasoner.backends import GenerateResult
 from pipeline.reasoner.core import SafeguardReasoner
 from pipeline.reasoner.fakes import ScriptedReasoner, ScriptedTransport, UnscriptedCall, answer
+from pipeline.reasoner.harmony import render_completion
 from pipeline.router import ReasoningRoute
-from pipeline.schemas import ContentItem, Effort, ReviewReason
+from pipeline.schemas import CallFailure, ContentItem, Effort, ReviewReason
 
 pytestmark = pytest.mark.unit
 LIB = PolicyLibrary.load(PROJECT_ROOT / "policies")
@@ -112,7 +114,7 @@ def test_transient_failure_is_retried() -> None:
 
 def test_timeout_is_a_recorded_failure() -> None:
     class Slow(ScriptedTransport):
-        async def generate(self, prompt: str, request_id: str) -> str:
+        async def generate(self, prompt: str, request_id: str, sampling: dict | None = None) -> str:
             self.calls.append(("slow", request_id))
             await asyncio.sleep(5)
             return ""
@@ -146,7 +148,7 @@ def test_in_flight_calls_are_bounded_across_judge_calls() -> None:
     state = {"now": 0, "peak": 0}
 
     class Counting(ScriptedTransport):
-        async def generate(self, prompt: str, request_id: str) -> str:
+        async def generate(self, prompt: str, request_id: str, sampling: dict | None = None) -> str:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
             await asyncio.sleep(0.01)
@@ -179,3 +181,185 @@ def test_scripted_reasoner_fails_loudly_out_of_script() -> None:
     with pytest.raises(UnscriptedCall):
         asyncio.run(fake.judge(ITEM, ["violence"]))
     assert fake.judged == [("c1", ["violence"])]
+
+
+# -- the client owns its parameters; truncation is its own failure; tokens are counted --------------------------
+
+def test_every_call_sets_the_parameters_its_parsing_depends_on() -> None:
+    script = {("violence", "low"): [answer(1, ["VI1.a"], 0.4)], ("violence", "high"): [answer(1, ["VI1.a"], 0.9)]}
+    _, t = run(script, ["violence"])
+    low, high = t.sampling
+    assert low["max_tokens"] == ReasonerSettings().max_tokens_low and high["max_tokens"] == ReasonerSettings().max_tokens_high
+    for params in (low, high):
+        assert params["skip_special_tokens"] is False and params["spaces_between_special_tokens"] is False
+        assert params["stop_token_ids"] == [200002, 200012] and params["include_stop_str_in_output"] is False
+        assert params["temperature"] == 0.0 and params["logprobs"] == ReasonerSettings().logprobs
+
+
+def test_backend_token_counts_are_recorded_and_counted_in_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(direction: str) -> float:
+        return REGISTRY.get_sample_value("modpipe_reasoner_tokens_total",
+                                         {"direction": direction, "policy": "violence", "effort": "low"}) or 0.0
+
+    before = sample("input"), sample("output")
+    result = GenerateResult(answer(1, ["VI1.a"], 0.9), "stop", prompt_tokens=700, completion_tokens=321)
+    outcome, _ = run({("violence", "low"): [result]}, ["violence"])
+    call = outcome.calls[0]
+    assert (call.prompt_tokens, call.completion_tokens, call.tokens_from_backend) == (700, 321, True)
+    assert (call.finish_reason, call.max_tokens, call.truncation_retries) == ("stop", 4096, 0)
+    assert (sample("input") - before[0], sample("output") - before[1]) == (700, 321)
+
+
+def test_tokens_are_counted_here_when_the_backend_reports_none() -> None:
+    outcome, _ = run({("violence", "low"): [answer(0, ["VI0.a"], 0.9)]}, ["violence"])
+    call = outcome.calls[0]
+    assert call.tokens_from_backend is False and call.prompt_tokens > 500 and call.completion_tokens > 20
+
+
+def test_truncated_answer_is_retried_once_with_a_larger_budget() -> None:
+    cut = GenerateResult("<|channel|>analysis<|message|>The content", "length", prompt_tokens=650, completion_tokens=4096)
+    whole = GenerateResult(answer(1, ["VI1.a"], 0.9), "stop", prompt_tokens=650, completion_tokens=5000)
+    outcome, t = run({("violence", "low"): [cut, whole]}, ["violence"])
+    t.assert_done()
+    assert [s["max_tokens"] for s in t.sampling] == [4096, 8192]
+    call = outcome.calls[0]
+    assert outcome.route is ReasoningRoute.BLOCK and call.truncation_retries == 1 and call.max_tokens == 8192
+    assert (call.prompt_tokens, call.completion_tokens) == (1300, 9096)  # both attempts were spent
+
+
+def test_answer_truncated_twice_fails_closed_as_truncated_without_a_harder_look() -> None:
+    cut = GenerateResult("<|channel|>analysis<|message|>Still thinking", "length", completion_tokens=4096)
+    outcome, t = run({("violence", "low"): [cut, cut]}, ["violence"])
+    t.assert_done()  # no high-effort round: it would write more, not less
+    call = outcome.calls[0]
+    assert call.failure is CallFailure.TRUNCATED and "cut off at 8192 output tokens" in (call.error or "")
+    assert call.analysis == "Still thinking" and call.violation is None
+    assert outcome.route is ReasoningRoute.REVIEW and outcome.review_reason is ReviewReason.REASONER_FAILED
+
+
+def test_server_without_finish_reasons_is_still_caught_at_its_budget() -> None:
+    def cut(tokens: int) -> GenerateResult:
+        return GenerateResult("<|channel|>analysis<|message|>on and on", None, completion_tokens=tokens)
+
+    outcome, t = run({("violence", "low"): [cut(4096), cut(8192)]}, ["violence"])
+    t.assert_done()
+    assert outcome.calls[0].failure is CallFailure.TRUNCATED
+
+
+def test_truncation_retry_stays_inside_the_context() -> None:
+    settings = ReasonerSettings(max_tokens_low=3000, max_tokens_high=3000, max_model_len=4000)
+    cut = GenerateResult("<|channel|>analysis<|message|>x", "length", prompt_tokens=700, completion_tokens=3000)
+    transport = ScriptedTransport(LIB, {("violence", "low"): [cut, cut]})
+    reasoner = SafeguardReasoner(FAST, settings, LIB, transport=transport)
+    outcome = asyncio.run(reasoner.judge(ITEM, ["violence"]))
+    assert [s["max_tokens"] for s in transport.sampling] == [3000, 3300]  # 4000 - 700, not 6000
+    assert outcome.calls[0].failure is CallFailure.TRUNCATED
+
+
+def test_overlong_content_is_cut_by_the_documented_rule_and_a_safe_answer_goes_to_review() -> None:
+    settings = ReasonerSettings(max_tokens_low=1024, max_tokens_high=1024, max_model_len=2400)
+    long_text = "word " * 3000
+    script = {("violence", "low"): [answer(0, ["VI0.a"], 0.95)]}
+    transport = ScriptedTransport(LIB, script)
+    reasoner = SafeguardReasoner(FAST, settings, LIB, transport=transport)
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="long", text=long_text), ["violence"]))
+    call = outcome.calls[0]
+    assert call.content_cut and "cut" in call.content_cut and "content_cut" in call.escalation_reasons
+    assert "tokens of the content were cut here" in transport.prompts[0]
+    assert outcome.route is ReasoningRoute.REVIEW and outcome.review_reason is ReviewReason.EDGE_CASE
+    violating = ScriptedTransport(LIB, {("violence", "low"): [answer(1, ["VI1.a"], 0.95)]})
+    blocked = asyncio.run(SafeguardReasoner(FAST, settings, LIB, transport=violating).judge(
+        ContentItem(content_id="long2", text=long_text), ["violence"]))
+    assert blocked.route is ReasoningRoute.BLOCK and blocked.calls[0].content_cut
+
+
+def test_a_context_that_leaves_no_room_for_content_is_a_configuration_error() -> None:
+    with pytest.raises(PolicyError, match="max_model_len"):
+        SafeguardReasoner(FAST, ReasonerSettings(max_tokens_high=32000, max_model_len=32768), LIB,
+                          transport=ScriptedTransport(LIB, {}))
+
+
+def test_logprob_probability_decides_beside_the_self_report() -> None:
+    import math
+
+    from pipeline.reasoner.logprobs import TokenLogprob
+
+    text = answer(1, ["VI1.a"], 0.95, "threat")  # sure of itself in words
+    final = text.split("<|message|>")[-1].split("<|return|>")[0]
+    head = text[: text.index('"violation": ') + len('"violation": ')]
+    lp = (TokenLogprob(head, -0.01), TokenLogprob("1", math.log(0.55), (("0", math.log(0.45)),)),
+          TokenLogprob(final[final.index("1") + 1:], -0.01))
+    unsure = GenerateResult(text.replace("<|return|>", ""), "stop", logprobs=lp)
+    sure = GenerateResult(answer(1, ["VI1.a"], 0.95), "stop")
+    outcome, t = run({("violence", "low"): [unsure], ("violence", "high"): [sure]}, ["violence"])
+    t.assert_done()
+    first = outcome.calls[0]
+    assert first.confidence == 0.95 and first.verdict_probability == pytest.approx(0.55)
+    assert first.escalation_reasons == ["low_confidence"]  # the token probability, not the words, decided
+    assert outcome.route is ReasoningRoute.BLOCK
+
+
+# -- policies in the guide's other formats --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> PolicyLibrary:
+    from pipeline.policies.importer import import_policy
+
+    fixtures = PROJECT_ROOT / "tests" / "fixtures" / "policies"
+    root = tmp_path_factory.mktemp("imported")
+    import_policy(fixtures / "junk_mail", "junk_mail", root)
+    import_policy(fixtures / "dc_pack", "dc_pack", root)
+    import_policy(fixtures / "hostility_md", "hostility", root)
+    return PolicyLibrary.load(root)
+
+
+def judge_with(library: PolicyLibrary, script: dict, policy: str):  # type: ignore[no-untyped-def]
+    transport = ScriptedTransport(library, script)
+    reasoner = SafeguardReasoner(FAST, ReasonerSettings(), library, transport=transport)
+    return asyncio.run(reasoner.judge(ITEM, [policy])), transport
+
+
+def test_label_answers_decide_without_a_confidence(imported: PolicyLibrary) -> None:
+    safe = render_completion("a personal note", "VALID (JM0.b)")
+    outcome, t = judge_with(imported, {("junk_mail", "low"): [safe]}, "junk_mail")
+    t.assert_done()
+    assert outcome.route is ReasoningRoute.ALLOW and outcome.calls[0].escalation_reasons == []
+    assert outcome.rule_ids == ["JM0.b"]
+
+
+def test_escalation_word_and_escalating_rule_send_a_violation_to_people(imported: PolicyLibrary) -> None:
+    assert imported.get("junk_mail").rule("JM4.a").escalate  # "Output: INVALID + ESCALATE" in its section
+    outcome, _ = judge_with(imported, {("junk_mail", "low"): [render_completion("bait", "INVALID + ESCALATE (JM4.a)")]},
+                            "junk_mail")
+    assert outcome.route is ReasoningRoute.REVIEW and outcome.review_reason is ReviewReason.POLICY_ESCALATE
+    assert outcome.calls[0].escalate
+    plain, _ = judge_with(imported, {("junk_mail", "low"): [render_completion("advert", "INVALID (JM2.a)")]},
+                          "junk_mail")
+    assert plain.route is ReasoningRoute.BLOCK
+
+
+def test_binary_and_policy_referencing_answers_are_final(imported: PolicyLibrary) -> None:
+    outcome, _ = judge_with(imported, {("dc_pack", "low"): [render_completion("a dare", "1")]}, "dc_pack")
+    assert outcome.route is ReasoningRoute.BLOCK and outcome.calls[0].output_errors == []
+    cited, _ = judge_with(imported, {("hostility", "low"): [render_completion(
+        "insult", '{"violation": 1, "policy_category": "H2.d"}')]}, "hostility")
+    assert cited.route is ReasoningRoute.BLOCK and cited.rule_ids == ["H2.d"]
+
+
+def test_unreadable_answer_format_fails_closed_without_a_model_call(imported: PolicyLibrary) -> None:
+    policy = imported.get("dc_pack")
+    library = PolicyLibrary({"dc_pack": dataclasses.replace(policy, answer_format=AnswerFormat("xml", ()))})
+    outcome, t = judge_with(library, {}, "dc_pack")
+    assert t.calls == []
+    assert outcome.calls[0].failure is CallFailure.UNSUPPORTED_FORMAT and "'xml'" in (outcome.calls[0].error or "")
+    assert outcome.route is ReasoningRoute.REVIEW and outcome.review_reason is ReviewReason.REASONER_FAILED
+
+
+def test_tokens_of_an_unreadable_answer_are_still_counted() -> None:
+    broken = GenerateResult("<|channel|>analysis<|message|>hmm<|end|>", "stop", prompt_tokens=680, completion_tokens=9)
+    outcome, _ = run({("violence", "low"): [broken], ("violence", "high"): [answer(0, ["VI0.a"], 0.9)]}, ["violence"])
+    first = outcome.calls[0]
+    assert first.failure is CallFailure.INVALID_OUTPUT and "analysis only" in (first.error or "")
+    assert (first.prompt_tokens, first.completion_tokens, first.analysis) == (680, 9, "hmm")
