@@ -49,6 +49,9 @@ HATECHECK_FILE = Path("hatecheck") / "test_suite_cases.csv"
 #: Category codes of the OpenAI moderation taxonomy, in the order the artefact stores them.
 CATEGORIES: tuple[str, ...] = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")
 UNKNOWN = -1
+#: ``any_override`` value for a row whose "violates anything" label the source does not give (never an ``any`` row,
+#: even when one of its category labels is a known 0).
+ANY_DROP = -2
 
 AnyLabelRule = Literal["known_zero", "complete"]
 
@@ -100,9 +103,9 @@ class LabelledSet:
         else:
             raise ValueError(f"unknown any-label rule {rule!r}")
         if self.any_override is not None:
-            known = self.any_override != UNKNOWN
+            known = (self.any_override == 0) | (self.any_override == 1)
             positive = np.where(known, self.any_override == 1, positive)
-            defined = defined | known
+            defined = (defined | known) & (self.any_override != ANY_DROP)
         rows = np.flatnonzero(defined)
         return positive[rows].astype(np.int8), rows
 
@@ -223,11 +226,23 @@ def load_feedback(path: Path) -> LabelledSet:
 DATASETS = {"openai_moderation": load_openai_moderation, "xstest": load_xstest, "hatecheck": load_hatecheck}
 
 
+def dataset_names() -> list[str]:
+    """Every data set :func:`load_dataset` knows by name (the extra sources live in :mod:`triage_models.sources`)."""
+    from triage_models import mix, sources
+
+    return [*DATASETS, *sources.TRAINING_SOURCES, *sources.EVALUATION_SETS, *mix.MIXES]
+
+
 def load_dataset(name_or_file: str, datasets_dir: Path) -> LabelledSet:
     """A public data set by name (read from ``datasets_dir``), or a JSON-lines file in the feedback format."""
+    from triage_models import mix, sources
+
     if name_or_file in DATASETS:
         return DATASETS[name_or_file](datasets_dir)
+    named = {**sources.TRAINING_SOURCES, **sources.EVALUATION_SETS, **mix.MIXES}
+    if name_or_file in named:
+        return named[name_or_file](datasets_dir)
     path = Path(name_or_file)
     if not path.is_file():
-        raise FileNotFoundError(f"{name_or_file} is neither a data set name ({', '.join(DATASETS)}) nor a file")
+        raise FileNotFoundError(f"{name_or_file} is neither a data set name ({', '.join(dataset_names())}) nor a file")
     return load_feedback(path)

@@ -2,7 +2,9 @@
 
 Two separable parts, so either can be swapped without touching the other: an embedder
 (:mod:`~pipeline.triage.embedders`) and calibrated heads read from a versioned artefact
-(:mod:`~pipeline.triage.model`). :mod:`~pipeline.triage.eval` measures an artefact or a cross-validated training
+(:mod:`~pipeline.triage.model`), whose ``any`` head may stack a lexical view (:mod:`~pipeline.triage.lexical`).
+Around them: the live prior-shift correction (:mod:`~pipeline.triage.prior`) and the language rule's detector
+(:mod:`~pipeline.triage.language`). :mod:`~pipeline.triage.eval` measures an artefact or a cross-validated training
 run on a labelled set.
 """
 
@@ -19,16 +21,21 @@ from pipeline.triage.embedders import (
     length_buckets,
     make_embedder,
 )
+from pipeline.triage.language import LanguageDetector
+from pipeline.triage.lexical import LexicalFeatures
 from pipeline.triage.model import (
     ANY_HEAD,
     HEADS_FILE,
     MODEL_CARD_FILE,
     THRESHOLDS_FILE,
+    LexicalHead,
     LinearHead,
+    ScoredText,
     TriageModel,
     content_version,
     write_artefact,
 )
+from pipeline.triage.prior import PriorAdapter
 
 __all__ = [
     "ANY_HEAD",
@@ -40,8 +47,13 @@ __all__ = [
     "CachedEmbedder",
     "Embedder",
     "EmbedderProtocol",
+    "LanguageDetector",
+    "LexicalFeatures",
+    "LexicalHead",
     "LinearHead",
     "OnnxEmbedder",
+    "PriorAdapter",
+    "ScoredText",
     "TriageArtefactError",
     "TriageModel",
     "TritonEmbedder",

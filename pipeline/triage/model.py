@@ -4,6 +4,15 @@
 ``heads.json`` (no pickle: loading an artefact never runs code), scored with one matrix product. The embedder is
 chosen by ``settings.triage.embedder`` (:mod:`pipeline.triage.embedders`).
 
+Format 2 adds, all optional: a lexical view for the ``any`` head (hashed character n-grams,
+:mod:`pipeline.triage.lexical`; its logit is stacked onto the embedding head's with calibrated weights), the base
+rate each head was calibrated at (``train_priors``, what :mod:`pipeline.triage.prior` corrects from), per-category
+bands and the validated languages (in ``thresholds.json``, read by the router). Format 1 artefacts still load.
+
+What :meth:`TriageModel.score` returns are :class:`ScoredText` objects: exactly :class:`TriageScores` on the wire
+(``violation`` and ``categories`` are prior-corrected when a prior adapter is attached), plus the detected
+language for the router, which never leaves the process.
+
 The artefact folder (written by ``triage_models.train``) holds ``heads.json``, ``thresholds.json`` (loads into
 :class:`pipeline.router.TriageThresholds`) and ``model_card.json``. Its version is a short content hash of the
 heads and thresholds files, checked on load, and stamped on every :class:`TriageScores`.
@@ -17,23 +26,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pydantic import PrivateAttr
+
+from pipeline import metrics
 from pipeline.errors import TriageArtefactError
 from pipeline.router import TriageThresholds
 from pipeline.schemas import TriageScores
 from pipeline.triage.embedders import EmbedderProtocol, embedder_from_settings, make_embedder
+from pipeline.triage.language import LanguageDetector
+from pipeline.triage.lexical import LexicalFeatures
+from pipeline.triage.prior import PriorAdapter
 
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.json"
 THRESHOLDS_FILE = "thresholds.json"
 MODEL_CARD_FILE = "model_card.json"
-HEADS_FORMAT_VERSION = 1
+HEADS_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 ANY_HEAD = "any"
 VERSION_CHARS = 12
 
@@ -68,6 +84,47 @@ class LinearHead:
         return _sigmoid(self.platt_a * (np.asarray(emb, dtype=np.float64) @ self.coef + self.intercept) + self.platt_b)
 
 
+@dataclass(frozen=True)
+class LexicalHead:
+    """A logistic head on :class:`LexicalFeatures`, stacked onto the ``any`` embedding head's logit.
+
+    ``p_any = sigmoid(platt_a * (x . w + b) + platt_b + weight * (h . coef + intercept))``: the stacker's weights
+    (``platt_a``, ``weight``, ``platt_b``) are fitted on inner out-of-fold decision values of both views.
+    """
+
+    features: LexicalFeatures
+    coef: np.ndarray  # (n_features,)
+    intercept: float
+    weight: float
+
+    def decision(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.features.transform(texts) @ self.coef + self.intercept, dtype=np.float64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.features.to_json(), "coef": [round(float(v), 6) for v in self.coef],
+                "intercept": float(self.intercept), "weight": float(self.weight)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LexicalHead:
+        features = LexicalFeatures.from_json(data)
+        coef = np.asarray(data["coef"], dtype=np.float64)
+        if coef.shape != (features.n_features,) or not np.all(np.isfinite(coef)):
+            raise ValueError("lexical head has a malformed coef vector")
+        return cls(features=features, coef=coef, intercept=float(data["intercept"]), weight=float(data["weight"]))
+
+
+class ScoredText(TriageScores):
+    """:class:`TriageScores` plus what the router reads that is not wire evidence (private: never serialised)."""
+
+    _language: str | None = PrivateAttr(default=None)
+    _language_confidence: float = PrivateAttr(default=0.0)
+
+    @property
+    def language(self) -> str | None:
+        """The detected language (None: not detected, or too short or mixed to tell)."""
+        return self._language
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # numerically stable, no overflow warnings
 
@@ -94,8 +151,12 @@ def write_artefact(
     embedder_name: str,
     embedding_dim: int,
     head_bands: dict[str, tuple[float, float]] | None = None,
+    lexical: LexicalHead | None = None,
+    train_priors: dict[str, float] | None = None,
 ) -> str:
     """Write ``heads.json`` and ``thresholds.json``; return the artefact version. The model card is the caller's.
+
+    ``lexical``: the ``any`` head's lexical view (format 2); ``train_priors``: each head's calibration base rate.
 
     ``head_bands`` (optional, stored in ``heads.json`` under ``bands`` so ``thresholds.json`` stays exactly a
     :class:`TriageThresholds`): each head's own (allow_below, block_above) band, for per-category reporting and
@@ -108,12 +169,14 @@ def write_artefact(
             raise ValueError(f"head {name} has coef shape {head.coef.shape}, expected ({embedding_dim},)")
     heads_bytes = _json_bytes(
         {
-            "format_version": HEADS_FORMAT_VERSION,
+            "format_version": HEADS_FORMAT_VERSION if (lexical is not None or train_priors) else 1,
             "embedder": embedder_name,
             "embedding_dim": embedding_dim,
             "categories": [name for name in heads if name != ANY_HEAD],
             "heads": {name: head.to_json() for name, head in heads.items()},
             **({"bands": {k: [float(v[0]), float(v[1])] for k, v in head_bands.items()}} if head_bands else {}),
+            **({"lexical": lexical.to_json()} if lexical is not None else {}),
+            **({"train_priors": {k: float(v) for k, v in train_priors.items()}} if train_priors else {}),
         }
     )
     thresholds_bytes = _json_bytes(
@@ -123,6 +186,9 @@ def write_artefact(
             "high_risk": thresholds.high_risk,
             "category_policies": thresholds.category_policies,
             "policy_floor": thresholds.policy_floor,
+            **({"category_bands": {k: [float(v[0]), float(v[1])] for k, v in thresholds.category_bands.items()}}
+               if thresholds.category_bands else {}),
+            **({"languages": list(thresholds.languages)} if thresholds.languages else {}),
         }
     )
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +213,15 @@ class TriageModel:
         model_card: dict[str, Any] | None = None,
         head_bands: dict[str, tuple[float, float]] | None = None,
         embedder_factory: Callable[[], EmbedderProtocol] | None = None,
+        lexical: LexicalHead | None = None,
+        train_priors: dict[str, float] | None = None,
+        prior: PriorAdapter | None = None,
+        language_detector: LanguageDetector | None = None,
     ) -> None:
         if ANY_HEAD not in heads:
             raise TriageArtefactError(f"triage artefact {model_dir} has no {ANY_HEAD!r} head")
         self.version = version
-        self.thresholds = thresholds
+        self.base_thresholds = thresholds
         self.categories: list[str] = [name for name in heads if name != ANY_HEAD]
         self.embedder_name = embedder_name
         self.embedding_dim = embedding_dim
@@ -163,10 +233,50 @@ class TriageModel:
         # All heads as one affine map: probabilities = sigmoid(emb @ W * a + (b * a + c)).
         self._weights = np.stack([heads[n].coef * heads[n].platt_a for n in order], axis=1)
         self._offsets = np.asarray([heads[n].intercept * heads[n].platt_a + heads[n].platt_b for n in order])
+        self.heads_order = order
+        self.lexical = lexical
+        self.train_priors: dict[str, float] = dict(train_priors or {})
+        self.prior = prior
+        self.language_detector = language_detector or (LanguageDetector() if thresholds.languages else None)
         self._embedder: EmbedderProtocol | None = None
         self._embedder_lock = threading.Lock()
         if embedder is not None:
             self._attach(embedder)
+
+    @property
+    def thresholds(self) -> TriageThresholds:
+        """The artefact's thresholds, with the allow level lowered to the prior adapter's miss cap when it has one
+        (what the router must use: scores are corrected to the live prior, so is the band)."""
+        cap = self.prior.allow_cap if self.prior is not None else None
+        if cap is None or cap >= self.base_thresholds.allow_below:
+            return self.base_thresholds
+        return replace(self.base_thresholds, allow_below=cap)
+
+    @thresholds.setter
+    def thresholds(self, value: TriageThresholds) -> None:
+        self.base_thresholds = value
+
+    def attach_prior(self, *, mode: str, fixed_prior: float | None = None, min_prior: float = 0.02,
+                     max_prior: float = 0.5, window: int = 2000, min_items: int = 500,
+                     update_every: int = 100, miss_budget: float | None = 0.2) -> PriorAdapter | None:
+        """Correct scores for the live base rate (:mod:`pipeline.triage.prior`); ``mode`` off detaches it.
+
+        Needs the artefact's ``train_priors`` (format 2); an artefact without them cannot be corrected.
+        """
+        if mode == "off":
+            self.prior = None
+            return None
+        if not self.train_priors or any(h not in self.train_priors for h in self.heads_order):
+            raise TriageArtefactError(f"triage artefact {self.model_dir} records no training priors: retrain it "
+                                      "to use prior correction (or set the prior mode to off)")
+        self.prior = PriorAdapter(heads=list(self.heads_order),
+                                  train_priors=np.asarray([self.train_priors[h] for h in self.heads_order]),
+                                  mode=mode, fixed_prior=fixed_prior, min_prior=min_prior, max_prior=max_prior,
+                                  window=window, min_items=min_items, update_every=update_every,
+                                  miss_budget=miss_budget if miss_budget is not None and miss_budget < 1 else None)
+        for head, value in self.prior.snapshot().items():
+            metrics.triage_prior.labels(head).set(value)
+        return self.prior
 
     @classmethod
     def load(cls, model_dir: Path, embedder: EmbedderProtocol | None = None, *,
@@ -195,7 +305,7 @@ class TriageModel:
         raw_heads = _parse(model_dir / HEADS_FILE, heads_bytes)
         raw_thresholds = _parse(model_dir / THRESHOLDS_FILE, thresholds_bytes)
         try:
-            if raw_heads.get("format_version") != HEADS_FORMAT_VERSION:
+            if raw_heads.get("format_version") not in READABLE_FORMATS:
                 raise ValueError(f"unsupported heads format_version {raw_heads.get('format_version')!r}")
             dim = int(raw_heads["embedding_dim"])
             order = [ANY_HEAD, *raw_heads["categories"]]
@@ -211,9 +321,14 @@ class TriageModel:
                 high_risk={str(k): float(v) for k, v in raw_thresholds["high_risk"].items()},
                 category_policies={str(k): str(v) for k, v in raw_thresholds["category_policies"].items()},
                 policy_floor=float(raw_thresholds["policy_floor"]),
+                category_bands={str(k): (float(v[0]), float(v[1]))
+                                for k, v in raw_thresholds.get("category_bands", {}).items()},
+                languages=tuple(str(v) for v in raw_thresholds.get("languages", [])),
             )
             embedder_name = str(raw_heads["embedder"])
             head_bands = {str(k): (float(v[0]), float(v[1])) for k, v in raw_heads.get("bands", {}).items()}
+            lexical = LexicalHead.from_json(raw_heads["lexical"]) if "lexical" in raw_heads else None
+            train_priors = {str(k): float(v) for k, v in raw_heads.get("train_priors", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TriageArtefactError(f"triage artefact {model_dir} is malformed: {exc}") from exc
         model = cls(
@@ -227,7 +342,20 @@ class TriageModel:
             model_card=card,
             head_bands=head_bands,
             embedder_factory=(lambda: embedder_from_settings(settings, triton_grpc_url)) if settings else None,
+            lexical=lexical,
+            train_priors=train_priors,
         )
+        if settings is not None and getattr(settings, "prior_mode", "off") == "adaptive" and not train_priors:
+            logger.warning("triage artefact %s records no training priors: scores keep the training base rate "
+                           "(retrain it for prior correction)", model_dir)
+        elif settings is not None and getattr(settings, "prior_mode", "off") != "off":
+            model.attach_prior(mode=settings.prior_mode, fixed_prior=settings.prior_fixed,
+                               min_prior=settings.prior_min, max_prior=settings.prior_max,
+                               window=settings.prior_window, min_items=settings.prior_min_items,
+                               update_every=settings.prior_update_every, miss_budget=settings.prior_miss_budget)
+        if settings is not None and not getattr(settings, "language_gate", True):
+            model.thresholds = replace(model.thresholds, languages=())
+            model.language_detector = None
         logger.info("triage model %s loaded from %s (%d categories)", version, model_dir, len(model.categories))
         return model
 
@@ -259,12 +387,39 @@ class TriageModel:
         """Load the embedder and run one item through it, so the first real batch is not slow."""
         self.score(["warm-up"])
 
-    def score_embeddings(self, emb: np.ndarray) -> list[tuple[float, dict[str, float]]]:
-        """(violation probability, per-category probabilities) for each row of ``emb`` (normalised vectors)."""
+    def raw_probabilities(self, emb: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+        """Training-calibrated probabilities, items x heads (``heads_order``: ``any`` first), before any prior
+        correction. ``texts`` are needed when the artefact has a lexical view."""
         emb = np.asarray(emb, dtype=np.float64)
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise ValueError(f"expected embeddings of shape (n, {self.embedding_dim}), got {emb.shape}")
-        probs = _sigmoid(emb @ self._weights + self._offsets)
+        logits = emb @ self._weights + self._offsets
+        if self.lexical is not None:
+            if texts is None or len(texts) != len(emb):
+                raise ValueError("this artefact has a lexical view: pass the texts with their embeddings")
+            logits[:, 0] += self.lexical.weight * self.lexical.decision(list(texts))
+        return _sigmoid(logits)
+
+    def corrected(self, raw: np.ndarray, *, observe: bool = True) -> np.ndarray:
+        """``raw`` under the live priors (unchanged without a prior adapter). An item's score never depends on its
+        batch-mates: the batch is corrected with the priors in force before it, then observed."""
+        if self.prior is None:
+            return raw
+        out = self.prior.correct(raw)
+        if observe:
+            updates = self.prior.updates
+            self.prior.observe(raw)
+            if self.prior.updates != updates:
+                for head, value in self.prior.snapshot().items():
+                    metrics.triage_prior.labels(head).set(value)
+                metrics.triage_allow_level.set(self.thresholds.allow_below)
+        return out
+
+    def score_embeddings(self, emb: np.ndarray, texts: list[str] | None = None,
+                         ) -> list[tuple[float, dict[str, float]]]:
+        """(violation probability, per-category probabilities) for each row of ``emb`` (normalised vectors),
+        training-calibrated (no prior correction)."""
+        probs = self.raw_probabilities(emb, texts)
         return [
             (float(row[0]), {c: float(p) for c, p in zip(self.categories, row[1:], strict=True)}) for row in probs
         ]
@@ -275,12 +430,22 @@ class TriageModel:
             return []
         embedder = self.embedder  # loading it on first use is not part of any item's latency
         started = time.perf_counter()
-        results = self.score_embeddings(embedder.encode(list(texts)))
+        texts = list(texts)
+        probs = self.corrected(self.raw_probabilities(embedder.encode(texts), texts))
+        detected = self.language_detector.detect_many(texts) if self.language_detector is not None else None
         latency_ms = (time.perf_counter() - started) * 1000.0
-        return [
-            TriageScores(model_version=self.version, violation=v, categories=cats, latency_ms=latency_ms)
-            for v, cats in results
-        ]
+        out: list[TriageScores] = []
+        for i, row in enumerate(probs):
+            scored = ScoredText(model_version=self.version, violation=float(row[0]),
+                                categories={c: float(p) for c, p in zip(self.categories, row[1:], strict=True)},
+                                latency_ms=latency_ms)
+            if detected is not None:
+                scored._language = detected[i].language
+                scored._language_confidence = detected[i].confidence
+                if scored._language is not None and scored._language not in self.thresholds.languages:
+                    metrics.triage_unvalidated_language_total.labels(scored._language).inc()
+            out.append(scored)
+        return out
 
 
 def _read(path: Path) -> bytes:

@@ -91,7 +91,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     mp.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
     try:
         card = train_module.train(tmp / "artefact", datasets_dir=DATASETS, progress=False, cache_dir=tmp / "cache",
-                                  feedback=feedback)
+                                  feedback=feedback, extra_sources=[])
     finally:
         mp.undo()
     return tmp / "artefact", card
@@ -214,5 +214,39 @@ def test_artefact_is_small_versioned_and_loads(trained: tuple[Path, dict]) -> No
 def test_high_risk_override_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
     card = train_module.train(tmp_path / "a", datasets_dir=DATASETS, progress=False, cache_dir=tmp_path / "cache",
-                              high_risk_recall={})
+                              high_risk_recall={}, extra_sources=[], lexical=False, nested=False)
     assert card["thresholds"]["high_risk"] == {}
+
+
+def test_artefact_records_priors_lexical_view_category_bands_and_languages(trained: tuple[Path, dict]) -> None:
+    artefact, card = trained
+    model = TriageModel.load(artefact, embedder=_KeywordEmbedder())
+    assert model.lexical is not None and card["heads"]["any_lexical"]["weights"]["lexical"] == model.lexical.weight
+    assert set(model.train_priors) == {ANY_HEAD, *CATEGORIES}
+    assert model.train_priors[ANY_HEAD] == pytest.approx(card["data"]["any_positives"] / card["data"]["any_rows"])
+    assert model.thresholds.languages == ("en",)
+    assert set(model.thresholds.category_bands) == set(CATEGORIES)
+    assert all(allow == 1.0 for allow, _ in model.thresholds.category_bands.values())  # "block" routing
+    route = card["metrics"]["route"]
+    assert 0 <= route["escalation_rate"] <= 1 and set(card["metrics"]["route_by_category_mode"]) == {
+        "none", "block", "both"}
+
+
+def test_extra_sources_train_the_maps_but_never_calibrate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
+    card = train_module.train(tmp_path / "a", datasets_dir=DATASETS, progress=False, cache_dir=tmp_path / "cache",
+                              extra_sources=["convabuse"], nested=False, lexical=False)
+    assert card["data"]["extra_rows"] > 3000 and card["data"]["extra_sources"][0]["name"] == "convabuse:train"
+    assert card["data"]["rows"] == 1680  # calibration rows: the OpenAI set only
+    assert card["train_priors"][ANY_HEAD] == pytest.approx(522 / 1680, abs=0.01)
+
+
+def test_card_compares_with_the_previous_artefact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  trained: tuple[Path, dict]) -> None:
+    previous, old = trained
+    monkeypatch.setattr(train_module, "make_embedder", lambda *a, **k: _KeywordEmbedder())
+    card = train_module.train(tmp_path / "b", datasets_dir=DATASETS, progress=False, cache_dir=tmp_path / "cache",
+                              extra_sources=[], nested=False, lexical=False, previous_dir=previous)
+    assert card["comparison"]["previous"]["version"] == old["version"]
+    assert card["comparison"]["delta"]["roc_auc"] == pytest.approx(card["metrics"]["roc_auc"] - old["metrics"]["roc_auc"])
+    assert f"previous `{old['version']}`" in (tmp_path / "b" / "MODEL_CARD.md").read_text()
