@@ -4,7 +4,8 @@
     ├── RetryableError            -- try again with bounded exponential backoff, then review / dead letter
     │   ├── ReasonerUnavailable   -- Triton down, model not ready, connection refused
     │   ├── ReasonerTimeout       -- a generate call ran past its deadline
-    │   └── StoreUnavailable      -- Redis unreachable
+    │   ├── StoreUnavailable      -- Redis unreachable
+    │   └── BrokerUnavailable     -- the broker did not acknowledge a publish (down, restarting, timed out)
     └── PermanentError            -- retrying cannot help: dead letter (or review for model output) at once
         ├── SchemaError           -- a message that does not decode or validate
         ├── ContentTooLarge       -- text over the configured size limit
@@ -35,6 +36,10 @@ class ReasonerTimeout(RetryableError):
 
 class StoreUnavailable(RetryableError):
     """Redis cannot be reached."""
+
+
+class BrokerUnavailable(RetryableError):
+    """The Kafka broker cannot be reached or did not acknowledge a message in time."""
 
 
 class PermanentError(ModpipeError):

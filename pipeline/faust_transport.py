@@ -8,15 +8,20 @@ the broker round trip is ~2 ms. Measured on the local broker with aiokafka alone
 ``fetched_records`` as Faust does): fetch wait 1500 ms -> p50 387 ms; 100 ms -> p50 2.3 ms. Real Apache Kafka holds
 a fetch the same way, so this is not a local-broker quirk.
 
-The subclasses change nothing else; faust-streaming is pinned (0.15.3) because they reach one private hook.
+The subclasses change nothing else; faust-streaming is pinned (0.15.3) because they reach one private hook, and
+:func:`reset_partition` reaches the consumer's private offset bookkeeping (see its docstring).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+
+logger = logging.getLogger(__name__)
 
 
 def transport_for(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
@@ -48,3 +53,27 @@ class App(faust.App):
 
     def _new_transport(self) -> Any:
         return self._transport_class(self.conf.broker_consumer, self)
+
+
+async def reset_partition(app: faust.App, topic: str, partition: int, offset: int) -> bool:
+    """Move a partition this worker owns to ``offset`` and make Faust forget the offsets it had read and committed
+    there; True if the worker owns it.
+
+    Why the private state: Faust drops every fetched message whose offset is below the last offset it read on the
+    partition, and commits only offsets above the last one it committed. After a topic is recreated (or a broker
+    restored from an older copy) both lie past the new log end, so a plain seek would fetch the new messages and
+    silently drop them, and the committed offset would stay past the end forever. The commit at the end makes the
+    group's committed offset agree with the new position, so a restarted worker starts from there too.
+    """
+    consumer = app.consumer
+    tp = TP(topic, partition)
+    if tp not in consumer.assignment():
+        return False
+    await consumer.seek_wait({tp: offset})
+    for state in (consumer._committed_offset, consumer._read_offset, consumer._acked, consumer._acked_index,
+                  consumer._gap):
+        state.pop(tp, None)
+    if offset > 0:
+        consumer._read_offset[tp] = offset
+    await consumer._commit({tp: offset})
+    return True

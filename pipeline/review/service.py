@@ -9,6 +9,11 @@ only over the verdict it supersedes. Every decision names the revision it judged
 
 Each action is appended to the audit log in the same atomic step as the state change; :mod:`pipeline.review.relay`
 publishes it to ``moderation.decisions``. The service does not consume Kafka: the ``review-intake`` worker fills the queues from ``moderation.review``.
+
+Who may see what (least privilege): reviewers and admins read every item's visibility, the queues and the stats;
+a platform reads and appeals only the items whose latest verdict names its platform (``Verdict.platform``, copied
+from ``ContentItem.platform``). An item of no platform belongs to none: only reviewers and admins see it. A
+platform asking about another platform's item gets the very answer it gets for an unknown item.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pipeline import metrics
@@ -26,7 +31,7 @@ from pipeline.errors import PolicyError
 from pipeline.broker import Publisher
 from pipeline.effects import Effects, since_ingest_ms
 from pipeline.policies import PolicyLibrary
-from pipeline.review.auth import Principal, TokenStore
+from pipeline.review.auth import Principal, Role, TokenStore
 from pipeline.review.feedback import (
     compute_stats,
     feedback_example,
@@ -67,6 +72,9 @@ class ReviewService:
                  instance_id: str | None = None) -> None:
         self.settings = settings
         self.library = library or PolicyLibrary.from_settings(settings.reasoner, strict=False)
+        # Without a library given, reviewers see and cite the versions the registry says enforce (start()).
+        self._follow_registry = library is None
+        self._closers: list[Callable[[], Awaitable[object]]] = []
         self.store = RedisStore(settings.redis, client=redis_client(settings.redis, max_connections=64))
         # The Kafka producer needs a running event loop: it is made in start().
         self.publisher: Publisher = None  # type: ignore[assignment]
@@ -89,14 +97,29 @@ class ReviewService:
         self.effects = Effects(self.settings.kafka, self.store, self.publisher)
         self.relay = AuditRelay(self.store, self.queue, self.publisher, self.decisions_topic, self._instance)
         await self.publisher.start()
+        if self._follow_registry:
+            from pipeline.lifecycle.wiring import live_policies
+
+            live = await live_policies(self.settings, self.store, "review", self._closers, strict=False, start=False)
+            self.library = live.library
+            live.subscribe(self._use_library)
+            live.start()
         if background:
             self._tasks.append(asyncio.create_task(self.relay.run(self._stopping, self._relay_interval_s),
                                                    name="review-audit-relay"))
             self._tasks.append(asyncio.create_task(self._upkeep_loop(), name="review-upkeep"))
 
+    def _use_library(self, library: PolicyLibrary) -> None:
+        """A promotion or rollback: show and check the version that enforces now (queued tasks keep the policy
+        ids they were queued under; only the text and rules shown and the rule check follow the swap)."""
+        self.library = library
+
     async def stop(self) -> None:
         # A flag, not only cancel(): a cancellation that lands inside a client library can be swallowed there.
         self._stopping.set()
+        for close in reversed(self._closers):
+            await close()
+        self._closers.clear()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=5.0)
             for task in pending:
@@ -112,6 +135,11 @@ class ReviewService:
         await self.store.close()
 
     # -- queues and items ---------------------------------------------------------------------------------------
+
+    async def queues(self, principal: Principal) -> dict[str, Any]:
+        """The queue counts, for reviewers and admins."""
+        self._require_reviewer(principal)
+        return await self.queue_counts()
 
     async def queue_counts(self) -> dict[str, Any]:
         counts, claimed = await self.queue.counts()
@@ -360,17 +388,26 @@ class ReviewService:
         if principal.role.value not in ("admin", "platform"):
             raise Forbidden("appeals are filed by a platform or an admin")
         cid = request.content_id
-        if request.item is not None and request.item.content_id != cid:
-            raise Invalid("item.content_id does not match content_id")
+        item = request.item
+        if item is not None and item.content_id != cid:
+            raise _field_invalid("body.item.content_id", "does not match content_id")
+        limit = self.settings.triage.max_text_chars
+        if item is not None and len(item.text) > limit:
+            raise _field_invalid("body.item.text", f"{len(item.text)} characters, over the {limit}-character limit")
         vis = await self.store.visibility(cid)
-        if not vis.final or vis.verdict is None:
-            raise Conflict(f"{cid} has no final verdict to appeal")
+        foreign = principal.role is Role.PLATFORM and not principal.owns(vis.verdict.platform if vis.verdict else None)
+        if not vis.final or vis.verdict is None or foreign:
+            raise Conflict(f"{cid} has no final verdict to appeal")  # the same for another platform's item
         current = vis.verdict
         task = None
-        if request.item is not None:
-            policy_ids = [p.policy_id for p in current.policies] or request.item.policy_ids or self.library.default_ids()
+        if item is not None:
+            if item.platform is None:
+                item = item.model_copy(update={"platform": current.platform})
+            elif item.platform != current.platform:
+                raise _field_invalid("body.item.platform", "must be the platform of the verdict appealed")
+            policy_ids = [p.policy_id for p in current.policies] or item.policy_ids or self.library.default_ids()
             task = ReviewTask(
-                task_id=uuid.uuid4().hex, item=request.item,
+                task_id=uuid.uuid4().hex, item=item,
                 triage=current.triage or TriageScores(model_version="none", violation=0.0, latency_ms=0.0),
                 reason=ReviewReason.APPEAL, policy_ids=policy_ids, reasoner_calls=current.reasoner_calls,
                 ingested_at=utcnow(), revision=current.revision,
@@ -399,9 +436,11 @@ class ReviewService:
 
     # -- platforms, stats, feedback -------------------------------------------------------------------------------
 
-    async def visibility(self, content_id: str) -> dict[str, Any]:
+    async def visibility(self, principal: Principal, content_id: str) -> dict[str, Any]:
+        """Whether an item may be shown; a platform sees its own items only (another's reads as unknown)."""
         record = await self.store.visibility(content_id)
-        if record.state is Visibility.UNKNOWN:
+        platform = record.verdict.platform if record.verdict else None
+        if record.state is Visibility.UNKNOWN or (principal.role is Role.PLATFORM and not principal.owns(platform)):
             raise NotFound(f"{content_id} is unknown to the pipeline", state="UNKNOWN")
         body: dict[str, Any] = {
             "content_id": content_id,
@@ -414,7 +453,8 @@ class ReviewService:
             body["hidden_for_s"] = round((utcnow() - record.verdict.decided_at).total_seconds(), 3)
         return body
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, principal: Principal) -> dict[str, Any]:
+        self._require_reviewer(principal)
         stats = compute_stats(await self.queue.log_entries())
         stats["queues"] = await self.queue_counts()
         return stats
@@ -458,6 +498,11 @@ class ReviewService:
             except Exception:  # noqa: BLE001 - keep trying; requests do not depend on this loop
                 logger.warning("review: upkeep failed; retrying", exc_info=True)
             await pause(self._stopping, 5.0)
+
+
+def _field_invalid(field: str, problem: str) -> Invalid:
+    """A 422 shaped like a validation error of the request body (pipeline.http.errors), naming the field."""
+    return Invalid(f"invalid request: {field}: {problem}", fields=[{"field": field, "problem": problem}])
 
 
 def metrics_observe_claim(seconds: float, got: bool) -> None:

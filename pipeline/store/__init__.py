@@ -15,6 +15,7 @@ from pipeline.store.base import (
     appeal_effect,
     item_effect,
     message_effect,
+    retro_effect,
     visibility_for,
 )
 from pipeline.store.memory import InMemoryStore
@@ -34,5 +35,6 @@ __all__ = [
     "item_effect",
     "message_effect",
     "redis_client",
+    "retro_effect",
     "visibility_for",
 ]

@@ -22,6 +22,7 @@ Two implementations keep this contract: :class:`pipeline.store.redis.RedisStore`
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,7 @@ class EffectKind(str, enum.Enum):
     ESCALATION = "escalation"
     REVIEW = "review"
     DEAD_LETTER = "deadletter"
+    AUDIT = "audit"  # an audit entry for moderation.decisions (a retroaction step)
 
 
 def visibility_for(verdict: Verdict) -> Visibility:
@@ -62,6 +64,14 @@ def item_effect(content_id: str, revision: int) -> EffectId:
 def appeal_effect(content_id: str, revision: int, round_: int) -> EffectId:
     """The slot of the outcome of the ``round_``-th appeal of an item revision."""
     return ("appeal", content_id, str(revision), str(round_))
+
+
+def retro_effect(content_id: str, revision: int, policy_id: str, policy_version: str) -> EffectId:
+    """The slot of a retroaction's outcome on an item revision under one enforcing policy version: its
+    superseding final verdict (if any) and its audit entry. A family of its own, so it never takes the slot of
+    the revision's original verdict (:func:`item_effect`) or of an appeal's (:func:`appeal_effect`), and a second
+    run under the same version finds what the first one decided."""
+    return ("retro", content_id, str(revision), policy_id, policy_version)
 
 
 def message_effect(topic: str, partition: int | None, offset: int | None, digest: str) -> EffectId:
@@ -127,6 +137,27 @@ class StateStore(Protocol):
         revision, so a replay is a redelivery; a text equal to the latest revision's text is that revision (a
         producer's duplicate); any other text is a new revision, one above the latest.
         """
+        ...
+
+    # One round trip for a whole batch: a worker that handles 32 messages at once would otherwise pay 32 round
+    # trips per step. Each entry is applied exactly as the single call would, in the order given.
+
+    async def revisions(self, messages: Sequence[tuple[str, str, str]]) -> list[Revision]:
+        """:meth:`revision` for each ``(content_id, text_hash, message_id)``, in order."""
+        ...
+
+    async def recorded_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> list[Recorded | None]:
+        """:meth:`recorded` for each ``(kind, effect_id)``, in order."""
+        ...
+
+    async def record_many(
+        self, entries: Sequence[tuple[EffectKind, EffectId, bytes, Verdict | None]]
+    ) -> list[Recorded]:
+        """:meth:`record` for each ``(kind, effect_id, payload, verdict)``, in order (each one atomic on its own)."""
+        ...
+
+    async def mark_published_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> None:
+        """:meth:`mark_published` for each ``(kind, effect_id)``."""
         ...
 
     async def visibility(self, content_id: str) -> VisibilityRecord: ...

@@ -36,6 +36,21 @@ class Namespace(str, enum.Enum):
     REVIEW_SESSION = "review:session"  # + session hash
     REVIEW_RELAY_LOCK = "review:relay:lock"
     REVIEW_RELAY_CURSOR = "review:relay:cursor"
+    RATE_LIMIT = "ratelimit"  # + limit name + client address: per-client token buckets (pipeline.http.ratelimit)
+    ATTEMPTS = "attempts"  # + topic, partition, offset, digest: deliveries of one record (crash-loop protection)
+    LAG = "lag"  # + role: the consumer group's lag and backlog flag, for `modpipe status` and a gateway
+    GATEWAY_ITEM = "gateway:item"  # + content id: the text hash and platform the gateway last accepted for an item
+    WEBHOOKS = "webhooks:reg"  # the registered webhook of each platform (hash: platform -> registration)
+    WEBHOOK_DEAD = "webhooks:dead"  # + platform: deliveries dead-lettered after their attempts, oldest first
+    WEBHOOK_PARKED = "webhooks:parked"  # + platform: content ids whose deliveries wait behind a dead letter
+    POLICY_ENFORCING = "policy:enforcing"  # hash: policy id -> the enforcing version and the ones before it
+    POLICY_SHADOW = "policy:shadow"  # hash: policy id + version -> a shadow registration (sample, who, when)
+    POLICY_TEXT = "policy:text"  # + policy id + version: the text of a version workers may load
+    POLICY_HISTORY = "policy:hist"  # + policy id: the lifecycle audit entries, oldest first
+    POLICY_OUTBOX = "policy:outbox"  # hash: audit id -> a lifecycle audit entry not yet published
+    POLICY_REPORTS = "policy:reports"  # + policy id + version: hash of report kind -> summary (golden, backtest ...)
+    POLICY_WORKERS = "policy:workers"  # sorted set: worker id -> when it last said which versions it runs
+    POLICY_LOADED = "policy:loaded"  # hash: worker id -> the versions that worker enforces and shadows
 
 
 def encode_part(value: object) -> str:

@@ -11,7 +11,7 @@ call raise :class:`StoreUnavailable`, as a Redis outage does.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.errors import StoreUnavailable
@@ -84,6 +84,16 @@ class InMemoryStore:
         self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None = None
     ) -> Recorded:
         self._check()
+        return self._record(kind, effect_id, payload, verdict)
+
+    async def record_many(
+        self, entries: Sequence[tuple[EffectKind, EffectId, bytes, Verdict | None]]
+    ) -> list[Recorded]:
+        # One check for the batch: a Redis pipeline fails as a whole when the server cannot be reached.
+        self._check()
+        return [self._record(kind, effect_id, payload, verdict) for kind, effect_id, payload, verdict in entries]
+
+    def _record(self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None) -> Recorded:
         existing = self._live(self._ledger, (kind, effect_id))
         if existing is not None:
             return Recorded(existing.payload, created=False, published=existing.published)
@@ -103,17 +113,39 @@ class InMemoryStore:
 
     async def mark_published(self, kind: EffectKind, effect_id: EffectId) -> None:
         self._check()
+        self._mark(kind, effect_id)
+
+    async def mark_published_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> None:
+        self._check()
+        for kind, effect_id in keys:
+            self._mark(kind, effect_id)
+
+    def _mark(self, kind: EffectKind, effect_id: EffectId) -> None:
         entry = self._live(self._ledger, (kind, effect_id))
         if entry is not None:
             entry.published = True
 
     async def recorded(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
         self._check()
+        return self._lookup(kind, effect_id)
+
+    async def recorded_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> list[Recorded | None]:
+        self._check()
+        return [self._lookup(kind, effect_id) for kind, effect_id in keys]
+
+    def _lookup(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
         entry = self._live(self._ledger, (kind, effect_id))
         return None if entry is None else Recorded(entry.payload, created=False, published=entry.published)
 
     async def revision(self, content_id: str, text_hash: str, message_id: str) -> Revision:
         self._check()
+        return self._revision(content_id, text_hash, message_id)
+
+    async def revisions(self, messages: Sequence[tuple[str, str, str]]) -> list[Revision]:
+        self._check()
+        return [self._revision(content_id, text_hash, message_id) for content_id, text_hash, message_id in messages]
+
+    def _revision(self, content_id: str, text_hash: str, message_id: str) -> Revision:
         revisions = self._live(self._revisions, content_id) or _Revisions()
         self._revisions[content_id] = revisions
         revisions.expires_at = self._clock() + self.ttl_s

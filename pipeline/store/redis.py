@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.config import RedisSettings
@@ -31,6 +34,10 @@ from pipeline.store.base import (
 from pipeline.store.keys import Keyspace, Namespace
 
 logger = logging.getLogger(__name__)
+
+# Error replies that say the server cannot serve writes *right now* (out of memory, a replica during failover, still
+# loading its data after a restart): an outage to wait out, never a reason to dead-letter the message.
+_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 
 # Record an effect once; for verdicts also move visibility, atomically, so the two never disagree. Visibility follows
 # the highest revision; within one revision a provisional verdict never overrides a final state (a late redelivery
@@ -86,6 +93,11 @@ return 1
 """
 
 
+async def _raise(exc: BaseException) -> None:
+    """An error a pipeline returned in place of a reply, raised where :meth:`RedisStore._call` maps it."""
+    raise exc
+
+
 def redis_client(settings: RedisSettings, *, timeout_s: float = 5.0, max_connections: int | None = None) -> Any:
     """The one way modpipe opens Redis: URL and password from the settings, bounded socket timeouts.
 
@@ -135,12 +147,15 @@ class RedisStore:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+        except RedisResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"redis cannot serve now: {str(exc)[:120]}") from exc
+            raise
 
     # -- the effect ledger ------------------------------------------------------------------------------------
 
-    async def record(
-        self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None = None
-    ) -> Recorded:
+    def _record_args(self, kind: EffectKind, effect_id: EffectId, payload: bytes,
+                     verdict: Verdict | None) -> tuple[list[str], list[Any]]:
         ledger = self._ledger_key(kind, effect_id)
         state, verdict_id, is_final, visibility, revision = "", "", "0", ledger, 0  # no verdict: visibility untouched
         if verdict is not None:
@@ -148,30 +163,92 @@ class RedisStore:
             verdict_id = verdict.verdict_id
             is_final = "1" if verdict.status is VerdictStatus.FINAL else "0"
             visibility, revision = self.keys.key(Namespace.VISIBILITY, verdict.content_id), verdict.revision
-        created, stored, published = await self._call(
-            self._record(
-                keys=[ledger, visibility],
-                args=[payload, self._settings.verdict_ttl_s, state, verdict_id, is_final, f"{time.time():.6f}",
-                      revision],
-            )
-        )
+        return ([ledger, visibility],
+                [payload, self._settings.verdict_ttl_s, state, verdict_id, is_final, f"{time.time():.6f}", revision])
+
+    def _revision_args(self, content_id: str, text_hash: str, message_id: str) -> tuple[list[str], list[Any]]:
+        return [self.keys.key(Namespace.REVISIONS, content_id)], [text_hash, message_id, self._settings.verdict_ttl_s]
+
+    @staticmethod
+    def _recorded_reply(reply: Any) -> Recorded:
+        created, stored, published = reply
         return Recorded(payload=bytes(stored), created=bool(int(created)), published=published in (b"1", "1"))
 
-    async def mark_published(self, kind: EffectKind, effect_id: EffectId) -> None:
-        await self._call(self._redis.hset(self._ledger_key(kind, effect_id), "published", "1"))
-
-    async def recorded(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
-        fields = await self._call(self._redis.hmget(self._ledger_key(kind, effect_id), "payload", "published"))
+    @staticmethod
+    def _lookup_reply(fields: Any) -> Recorded | None:
         if fields[0] is None:
             return None
         return Recorded(payload=bytes(fields[0]), created=False, published=fields[1] in (b"1", "1"))
 
+    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run ``commands`` (``("script", Script, keys, args)`` or ``(method name, *args)``) on one
+        non-transactional pipeline: one round trip, each command applied on its own and in order, as if sent one
+        by one. Scripts go as EVALSHA; when the server does not know one (a restart flushed its script cache),
+        it is loaded and only the commands that were refused for it run again."""
+        replies = await self._run_pipeline(commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {id(commands[i][1]): commands[i][1] for i in missing}.values():
+                script.sha = await self._call(self._redis.script_load(script.script))
+            for i, reply in zip(missing, await self._run_pipeline([commands[i] for i in missing]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                await self._call(_raise(reply))
+        return replies
+
+    async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            if command[0] == "script":
+                _, script, keys, args = command
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            else:
+                getattr(pipe, command[0])(*command[1:])
+        return list(await self._call(pipe.execute(raise_on_error=False)))
+
+    async def record(
+        self, kind: EffectKind, effect_id: EffectId, payload: bytes, verdict: Verdict | None = None
+    ) -> Recorded:
+        keys, args = self._record_args(kind, effect_id, payload, verdict)
+        return self._recorded_reply(await self._call(self._record(keys=keys, args=args)))
+
+    async def record_many(
+        self, entries: Sequence[tuple[EffectKind, EffectId, bytes, Verdict | None]]
+    ) -> list[Recorded]:
+        if not entries:
+            return []
+        commands = [("script", self._record, *self._record_args(*entry)) for entry in entries]
+        return [self._recorded_reply(reply) for reply in await self._pipelined(commands)]
+
+    async def mark_published(self, kind: EffectKind, effect_id: EffectId) -> None:
+        await self._call(self._redis.hset(self._ledger_key(kind, effect_id), "published", "1"))
+
+    async def mark_published_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> None:
+        if keys:
+            await self._pipelined([("hset", self._ledger_key(kind, effect_id), "published", "1")
+                                   for kind, effect_id in keys])
+
+    async def recorded(self, kind: EffectKind, effect_id: EffectId) -> Recorded | None:
+        fields = await self._call(self._redis.hmget(self._ledger_key(kind, effect_id), "payload", "published"))
+        return self._lookup_reply(fields)
+
+    async def recorded_many(self, keys: Sequence[tuple[EffectKind, EffectId]]) -> list[Recorded | None]:
+        if not keys:
+            return []
+        commands = [("hmget", self._ledger_key(kind, effect_id), "payload", "published") for kind, effect_id in keys]
+        return [self._lookup_reply(fields) for fields in await self._pipelined(commands)]
+
     async def revision(self, content_id: str, text_hash: str, message_id: str) -> Revision:
-        number, new, latest = await self._call(
-            self._revision(keys=[self.keys.key(Namespace.REVISIONS, content_id)],
-                           args=[text_hash, message_id, self._settings.verdict_ttl_s])
-        )
+        keys, args = self._revision_args(content_id, text_hash, message_id)
+        number, new, latest = await self._call(self._revision(keys=keys, args=args))
         return Revision(int(number), bool(int(new)), int(latest))
+
+    async def revisions(self, messages: Sequence[tuple[str, str, str]]) -> list[Revision]:
+        if not messages:
+            return []
+        commands = [("script", self._revision, *self._revision_args(*message)) for message in messages]
+        return [Revision(int(n), bool(int(new)), int(latest)) for n, new, latest in await self._pipelined(commands)]
 
     # -- visibility -------------------------------------------------------------------------------------------
 

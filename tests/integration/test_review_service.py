@@ -25,12 +25,17 @@ from pipeline.review.feedback import validate_example
 from pipeline.review.queue import severities_from
 from pipeline.review.api import create_app
 from pipeline.harness.review import read_topic, sample_task, wait_for
-from pipeline.schemas import Decision, ReviewDecision, Stage, Verdict, VerdictStatus
+from pipeline.schemas import Decision, ReviewDecision, ReviewTask, Stage, Verdict, VerdictStatus
 from pipeline.store import EffectKind, appeal_effect, item_effect
 
 pytestmark = pytest.mark.integration
 
 ADMIN = "admin-bootstrap-token-for-tests"
+
+
+def on_platform(task: ReviewTask, platform: str) -> ReviewTask:
+    """The task of an item that ``platform`` published (platform tokens read and appeal only their own items)."""
+    return task.model_copy(update={"item": task.item.model_copy(update={"platform": platform})})
 
 
 @pytest.fixture
@@ -142,14 +147,14 @@ def test_decision_publishes_verdict_audit_and_visibility(settings: Settings, cap
             svc = env.service
             # The item was hidden by triage, then sent to review (the provisional verdict goes through the ledger).
             provisional = Verdict(verdict_id="prov-1", content_id="dec-1", status=VerdictStatus.PROVISIONAL,
-                                  decision=Decision.HIDE_PENDING, stage=Stage.TRIAGE)
+                                  decision=Decision.HIDE_PENDING, stage=Stage.TRIAGE, platform="shop")
             await svc.effects.verdict(provisional)
             shown = await env.http.get("/v1/content/dec-1", headers=env.auth("shop"))
             assert shown.status_code == 200 and shown.json()["state"] == "HIDDEN_PENDING"
             assert "hidden_for_s" in shown.json()
             assert (await env.http.get("/v1/content/nope", headers=env.auth("shop"))).status_code == 404
 
-            await svc.queue.enqueue(sample_task("dec-1", text=secret_text, model_says=False))
+            await svc.queue.enqueue(on_platform(sample_task("dec-1", text=secret_text, model_says=False), "shop"))
             claim = await env.http.post("/v1/claims", headers=env.auth("alice"), json={})
             assert claim.status_code == 200
             view = claim.json()
@@ -196,7 +201,7 @@ def test_appeal_requeues_with_history_for_another_reviewer(settings: Settings) -
     async def scenario() -> None:
         async with running(settings) as env:
             svc = env.service
-            await svc.queue.enqueue(sample_task("ap-1", model_says=True))
+            await svc.queue.enqueue(on_platform(sample_task("ap-1", model_says=True), "shop"))
             assert (await env.http.post("/v1/claims", headers=env.auth("alice"))).json()["content_id"] == "ap-1"
             first = (await env.http.post("/v1/items/ap-1/decision", headers=env.auth("alice"),
                                          json={"decision": "remove", "policy_id": "hate", "rule_id": "HT1.a"})).json()
@@ -233,7 +238,7 @@ def test_appeal_requeues_with_history_for_another_reviewer(settings: Settings) -
 
             # Items decided without review can be appealed when the platform sends the item.
             auto = Verdict(verdict_id="auto-1", content_id="ap-2", status=VerdictStatus.FINAL, decision=Decision.BLOCK,
-                           stage=Stage.TRIAGE)
+                           stage=Stage.TRIAGE, platform="shop")
             await svc.effects.verdict(auto)
             assert (await env.http.post("/v1/appeals", headers=env.auth("shop"),
                                         json={"content_id": "ap-2"})).status_code == 422

@@ -209,3 +209,112 @@ def test_model_that_fails_to_load_names_the_model(tmp_path: Path) -> None:
     assert kafka_listener is not None
     assert _live_processes_mentioning(kafka_listener.group(1)) == []
     assert _live_processes_mentioning(str(tmp_path / "state")) == []  # redis --dir, tritonserver's private copy
+
+
+# -- the durable stack and restarting one service -----------------------------------------------------------------
+
+
+async def _produce(bootstrap: str, topic: str, producers: int, each: int) -> int:
+    """``producers`` producers write ``each`` messages to one partition concurrently; returns how many were acked."""
+    clients = [AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all") for _ in range(producers)]
+    for client in clients:
+        await client.start()
+
+    async def run(i: int, client: AIOKafkaProducer) -> int:
+        for j in range(each):
+            await client.send_and_wait(topic, f"p{i}-{j}".encode(), partition=0)
+        return each
+
+    try:
+        return sum(await asyncio.gather(*(run(i, c) for i, c in enumerate(clients))))
+    finally:
+        for client in clients:
+            await client.stop()
+
+
+async def _values(bootstrap: str, topic: str) -> set[bytes]:
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        seen: set[bytes] = set()
+        idle = 0
+        while idle < 3:
+            batch = await consumer.getmany(timeout_ms=1000)
+            idle = 0 if batch else idle + 1
+            for messages in batch.values():
+                seen.update(m.value for m in messages)
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def _create(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def durable_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    state_dir = tmp_path_factory.mktemp("durable_stack")
+    try:
+        info = stack_up(state_dir, durable=True, start_triton=False, timeout_s=120)
+    except StackError as exc:
+        pytest.fail(f"durable stack did not start: {exc}", pytrace=False)
+    yield info
+    stack_down(state_dir)
+
+
+def test_durable_broker_keeps_every_acknowledged_message_across_kill_9(durable_stack: StackInfo,
+                                                                       unique_prefix: str) -> None:
+    from pipeline.stack import service_kill, service_start
+
+    topic = f"{unique_prefix}durable"
+    assert durable_stack.durable and set(durable_stack.services) == {"s3", "kafka", "redis"}
+    asyncio.run(_create(durable_stack.kafka_bootstrap, topic))
+    # Three producers on one partition: the broker's conditional writes on S3 must keep them from overwriting
+    # each other (an S3 server that ignores If-Match loses about half of these).
+    acked = asyncio.run(_produce(durable_stack.kafka_bootstrap, topic, producers=3, each=60))
+    service_kill(durable_stack.state_dir, "kafka")
+    restarted = service_start(durable_stack.state_dir, "kafka")
+    assert restarted.address == durable_stack.services["kafka"].address  # same port
+    assert len(asyncio.run(_values(durable_stack.kafka_bootstrap, topic))) == acked == 180
+
+
+def test_restarting_redis_keeps_its_port_and_its_data(durable_stack: StackInfo, unique_prefix: str) -> None:
+    from pipeline.stack import service_restart
+
+    client = redis.Redis.from_url(durable_stack.redis_url)
+    client.set(f"{unique_prefix}kept", "yes")
+    client.close()
+    old_pid = durable_stack.services["redis"].pid
+    svc = service_restart(durable_stack.state_dir, "redis", hard=True)
+    assert svc.pid != old_pid and svc.address == durable_stack.redis_url
+    client = redis.Redis.from_url(durable_stack.redis_url)
+    try:
+        assert client.get(f"{unique_prefix}kept") == b"yes"  # append-only file, written before the reply
+    finally:
+        client.close()
+    assert service_alive(stack_status(durable_stack.state_dir)) == {"s3": True, "kafka": True, "redis": True}
+
+
+def test_restart_refuses_a_service_the_stack_does_not_own(tiny_stack: StackInfo, tmp_path: Path) -> None:
+    from pipeline.stack import service_restart
+
+    info = stack_up(tmp_path, redis_url=tiny_stack.redis_url, start_triton=False)
+    try:
+        with pytest.raises(StackError, match="not the stack's own"):
+            service_restart(tmp_path, "redis")
+        with pytest.raises(StackError, match="unknown service"):
+            service_restart(tmp_path, "postgres")
+    finally:
+        stack_down(tmp_path)
+    assert info.services["redis"].pid is None

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.codec import decode_content_item, decode_model, sniff_content_id
+from pipeline.codec import check_key, decode_content_item, decode_model, json_depth, sniff_content_id
 from pipeline.errors import ContentTooLarge, SchemaError
 from pipeline.schemas import ContentItem, Escalation
 from pipeline.harness.traffic import MALFORMED_KINDS, malformed_messages
@@ -74,3 +74,42 @@ def test_decode_model_for_other_wire_models() -> None:
         decode_model(json.dumps({"item": {}}).encode(), Escalation)
     item = ContentItem(content_id="x", text="t")
     assert decode_model(item.to_bytes(), ContentItem) == item
+
+
+def test_deep_nesting_is_rejected_before_parsing() -> None:
+    deep = b'{"content_id": "d", "text": "x", "policy_ids": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    with pytest.raises(SchemaError, match="nests 50001 levels deep, over the 32-level limit"):
+        decode_content_item(deep, 100_000)
+    with pytest.raises(SchemaError, match="over the 3-level limit"):
+        decode_model(b'{"a": [[[1]]]}', ContentItem, max_depth=3)
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    text = "[[[[{{{{" * 20 + '\\"[['
+    item = decode_content_item(json.dumps({"content_id": "b", "text": text}).encode(), 1000)
+    assert item.text.startswith("[[[[")
+    assert json_depth(b'{"a": "[[[", "b": [{"c": "]]"}]}') == 3
+
+
+def test_a_lone_surrogate_is_an_encoding_error_and_a_pair_is_text() -> None:
+    with pytest.raises(SchemaError, match="lone UTF-16 surrogate") as info:
+        decode_content_item(b'{"content_id": "s", "text": "' + SECRET.encode() + b' \\ud800"}', 1000)
+    assert SECRET not in str(info.value)
+    assert decode_content_item(b'{"content_id": "s", "text": "ok \\ud83d\\ude00"}', 1000).text == "ok \U0001f600"
+
+
+def test_the_byte_limit_applies_before_decoding() -> None:
+    value = json.dumps({"content_id": "a", "text": "x" * 5000}).encode()
+    with pytest.raises(ContentTooLarge, match="over the 2048-byte limit"):
+        decode_content_item(value, 20_000, max_bytes=2048)
+
+
+def test_key_limit() -> None:
+    check_key(b"k" * 10, 10)
+    check_key(None, 10)
+    with pytest.raises(SchemaError, match="key is 11 bytes, over the 10-byte limit"):
+        check_key(b"k" * 11, 10)
+
+
+def test_sniffing_never_parses_a_deep_value() -> None:
+    assert sniff_content_id(b'{"content_id": "c", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}") is None

@@ -165,3 +165,26 @@ def test_env_names_every_setting(tmp_path: Path) -> None:
         "MODPIPE_KAFKA__HEARTBEAT_INTERVAL_S": "0.5",
     }
     assert StackInfo.from_json(info.to_json()) == info
+
+
+def test_a_stack_recorded_by_an_older_version_reads_and_is_not_restarted(tmp_path: Path) -> None:
+    from pipeline.stack import service_restart
+
+    old = {"state_dir": str(tmp_path), "kafka_bootstrap": "127.0.0.1:1", "redis_url": "redis://127.0.0.1:2/0",
+           "triton_grpc": "", "triton_http": "", "triton_metrics": "", "triton_repo": None,
+           "services": {"kafka": {"name": "kafka", "pid": 1, "address": "127.0.0.1:1", "log_path": None}}}
+    (tmp_path / "stack.json").write_text(__import__("json").dumps(old))
+    info = stack_status(tmp_path)
+    assert info is not None and not info.durable and info.services["kafka"].argv == ()
+    with pytest.raises(StackError, match="not the stack's own") as err:
+        service_restart(tmp_path, "kafka")
+    assert _one_line(err)
+
+
+def test_restart_without_a_stack_says_so(tmp_path: Path) -> None:
+    from pipeline.stack import service_restart
+
+    with pytest.raises(StackError, match="no local stack recorded"):
+        service_restart(tmp_path, "redis")
+    with pytest.raises(StackError, match="unknown service 'postgres'"):
+        service_restart(tmp_path, "postgres")
