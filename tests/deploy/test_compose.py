@@ -26,7 +26,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 WORKER_ROLES = ("triage", "reasoning", "review-intake")
 # Variables docker-compose.yml requires from the operator (no defaults): all secrets.
-COMPOSE_REQUIRED = {"MODPIPE_REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MODPIPE_REVIEW_ADMIN_TOKEN"}
+COMPOSE_REQUIRED = {"MODPIPE_REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MODPIPE_REVIEW_ADMIN_TOKEN",
+                    "MODPIPE_WEBHOOKS_SIGNING_KEY"}
+# The HTTP front doors: roles of the same image, each a service of its own (scaled with --scale).
+FRONT_DOORS = ("gateway", "webhooks")
 
 _SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH$", re.IGNORECASE)
 # ${VAR}, ${VAR:?msg}, ${VAR:-} (an empty default) and ${VAR-}: a value taken from the operator's environment.
@@ -66,7 +69,7 @@ def test_every_service_has_an_image_or_a_build(services: dict[str, dict[str, Any
 
 
 def test_the_modpipe_image_is_built_from_this_repository(services: dict[str, dict[str, Any]]) -> None:
-    for name in (*WORKER_ROLES, "review"):
+    for name in (*WORKER_ROLES, "review", *FRONT_DOORS):
         build = services[name].get("build")
         assert build, f"{name} must build the modpipe image"
         context = build if isinstance(build, str) else build.get("context", ".")
@@ -120,10 +123,43 @@ def test_review_service(services: dict[str, dict[str, Any]]) -> None:
     assert "/healthz" in " ".join(map(str, svc["healthcheck"]["test"]))
 
 
+def test_gateway_serves_on_a_port_range_so_it_scales_and_waits_for_its_dependencies(
+    services: dict[str, dict[str, Any]]
+) -> None:
+    svc = services["gateway"]
+    assert _command(svc) == ["gateway", "serve"]
+    env = _env_dict(svc.get("environment"))
+    assert (env["MODPIPE_GATEWAY__HOST"], env["MODPIPE_GATEWAY__PORT"], env["MODPIPE_GATEWAY__METRICS_PORT"]) == (
+        "0.0.0.0", "8090", "9100")
+    # A host port *range*: `--scale gateway=N` gives each replica its own port instead of failing on a clash.
+    (port,) = [str(p) for p in svc["ports"]]
+    assert re.fullmatch(r"\$\{MODPIPE_BIND_ADDR:-127\.0\.0\.1\}:\$\{MODPIPE_GATEWAY_PORTS:-\d+-\d+\}:8090", port)
+    assert "container_name" not in svc, "a fixed container name cannot scale"
+    deps = _depends_on(svc)
+    assert deps.get("kafka") == "service_healthy" and deps.get("redis") == "service_healthy"
+    assert deps.get("kafka-init") == "service_completed_successfully"
+    assert "/healthz" in " ".join(map(str, svc["healthcheck"]["test"])) and "8090" in " ".join(
+        map(str, svc["healthcheck"]["test"]))
+
+
+def test_webhook_deliverer_needs_its_signing_key_and_reports_health_on_its_metrics_port(
+    services: dict[str, dict[str, Any]]
+) -> None:
+    svc = services["webhooks"]
+    assert _command(svc) == ["webhooks", "deliver"]
+    env = _env_dict(svc.get("environment"))
+    assert env["MODPIPE_WEBHOOKS__SIGNING_KEY"].startswith("${MODPIPE_WEBHOOKS_SIGNING_KEY:?")
+    assert env["MODPIPE_WEBHOOKS__METRICS_PORT"] == "9100"
+    assert "ports" not in svc, "the deliverer only calls out"
+    assert "9100" in " ".join(map(str, svc["healthcheck"]["test"]))
+    deps = _depends_on(svc)
+    assert deps.get("kafka-init") == "service_completed_successfully" and deps.get("redis") == "service_healthy"
+
+
 def test_modpipe_environment_names_are_real_settings(
     services: dict[str, dict[str, Any]], settings_env_names: set[str]
 ) -> None:
-    for name in (*WORKER_ROLES, "review", "reasoning-cpu", "kafka-init"):
+    for name in (*WORKER_ROLES, "review", "reasoning-cpu", "kafka-init", *FRONT_DOORS):
         env = _env_dict(services[name].get("environment"))
         modpipe_vars = {k for k in env if k.startswith("MODPIPE_")}
         assert modpipe_vars - settings_env_names == set(), f"{name} sets variables that Settings does not read"
@@ -233,7 +269,8 @@ def test_compose_profiles_swap_the_reasoner(
     assert services["triton"]["profiles"] == ["gpu"] and services["reasoning"]["profiles"] == ["gpu"]
     assert services["triton-cpu"]["profiles"] == ["cpu"] and services["reasoning-cpu"]["profiles"] == ["cpu"]
     unprofiled = {name for name, svc in services.items() if not svc.get("profiles")}
-    assert unprofiled == {"kafka", "kafka-init", "redis", "triage", "review-intake", "review", "prometheus", "grafana"}
+    assert unprofiled == {"kafka", "kafka-init", "redis", "triage", "review-intake", "review", "prometheus", "grafana",
+                          *FRONT_DOORS}
     cpu = services["triton-cpu"]
     assert cpu["build"]["target"] == "triton-cpu"
     assert any(op == "FROM" and rest.endswith(" AS triton-cpu") for op, rest in dockerfile_instructions)
@@ -247,7 +284,7 @@ def test_compose_profiles_swap_the_reasoner(
 
 def test_published_ports_bind_to_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
     published = [(name, str(p)) for name, svc in services.items() for p in svc.get("ports", [])]
-    assert {name for name, _ in published} >= {"review", "prometheus", "grafana", "triton", "triton-cpu"}
+    assert {name for name, _ in published} >= {"review", "prometheus", "grafana", "triton", "triton-cpu", "gateway"}
     for name, port in published:
         assert port.startswith("${MODPIPE_BIND_ADDR:-127.0.0.1}:"), f"{name} publishes {port} beyond loopback"
 

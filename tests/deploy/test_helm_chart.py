@@ -70,7 +70,8 @@ def test_chart_metadata() -> None:
     assert chart["apiVersion"] == "v2"
     assert chart["name"] == "modpipe"
     assert chart["type"] == "application"
-    for name in ("_helpers.tpl", "NOTES.txt", "configmap.yaml", "workers.yaml", "review.yaml", "triton.yaml"):
+    for name in ("_helpers.tpl", "NOTES.txt", "configmap.yaml", "workers.yaml", "review.yaml", "triton.yaml",
+                 "gateway.yaml", "webhooks.yaml"):
         assert (CHART_DIR / "templates" / name).is_file()
 
 
@@ -203,7 +204,8 @@ def test_rendered_defaults(render: Render, chart_values: dict[str, Any], setting
     assert svc["spec"]["selector"].items() <= review["spec"]["template"]["metadata"]["labels"].items()
     # A PodDisruptionBudget per worker role and for the review service, selecting exactly their pods.
     pdbs = _by_kind(docs, "PodDisruptionBudget")
-    assert set(pdbs) == {*(f"demo-modpipe-worker-{r}" for r in WORKER_ROLES), "demo-modpipe-review"}
+    assert set(pdbs) == {*(f"demo-modpipe-worker-{r}" for r in WORKER_ROLES), "demo-modpipe-review",
+                         "demo-modpipe-gateway"}
     for name, pdb in pdbs.items():
         assert pdb["spec"]["maxUnavailable"] == 1
         assert pdb["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
@@ -265,6 +267,7 @@ def test_rendered_with_everything_on(render: Render) -> None:
         *(f"demo-modpipe-worker-{r}-metrics" for r in WORKER_ROLES),
         "demo-modpipe-triton",
         "demo-modpipe-review",
+        "demo-modpipe-gateway",
     }
     assert all(any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in scraped)
     triton = _by_kind(docs, "Deployment")["demo-modpipe-triton"]["spec"]["template"]["spec"]
@@ -496,7 +499,9 @@ def test_example_values_render_and_validate(render: Render, example: str) -> Non
     deployments = _by_kind(docs, "Deployment")
     assert {f"demo-modpipe-worker-{r}" for r in WORKER_ROLES} <= set(deployments)
     if example == "values-large.yaml":
-        assert set(_by_kind(docs, "ScaledObject")) == {"demo-modpipe-worker-triage", "demo-modpipe-worker-reasoning"}
+        assert set(_by_kind(docs, "ScaledObject")) == {"demo-modpipe-worker-triage", "demo-modpipe-worker-reasoning",
+                                                       "demo-modpipe-webhooks"}
+        assert set(_by_kind(docs, "HorizontalPodAutoscaler")) == {"demo-modpipe-gateway"}
         assert "Ingress" in {d["kind"] for d in docs} and "ServiceMonitor" in {d["kind"] for d in docs}
 
 
@@ -507,3 +512,114 @@ def test_deploy_check_fails_loudly_on_a_broken_chart(tmp_path: Path) -> None:
     workers.write_text(workers.read_text().replace("revisionHistoryLimit: 5", "revisionHistoryLimt: 5"))
     result = deploy_check.check_chart(broken, BASE_VALUES, "defaults", K8S_VERSION, CRD_DIR)
     assert not result.ok and "revisionHistoryLimt" in result.detail
+
+
+# ------------------------------------------------------------------------------------------------ the front doors
+
+
+WEBHOOKS_ON = _merge(BASE_VALUES, {"secretFiles": {"webhookSigningKeySecret": "modpipe-webhooks"},
+                                   "webhooks": {"enabled": True}})
+
+
+def test_the_gateway_is_its_own_deployment_and_service_with_the_review_tokens_store(
+    render: Render, settings_env_names: set[str]
+) -> None:
+    docs = render(BASE_VALUES)
+    dep = _by_kind(docs, "Deployment")["demo-modpipe-gateway"]
+    assert dep["spec"]["replicas"] == 2
+    c = _container(dep)
+    assert c["args"] == ["gateway", "serve"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {"MODPIPE_GATEWAY__HOST": "0.0.0.0", "MODPIPE_GATEWAY__PORT": "8090",
+                   "MODPIPE_GATEWAY__METRICS_PORT": "9100"}
+    assert set(env) <= settings_env_names
+    assert c["envFrom"] == [{"configMapRef": {"name": "demo-modpipe-config"}}]
+    _assert_secret_files(dep, c)
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    svc = _by_kind(docs, "Service")["demo-modpipe-gateway"]
+    assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {("http", 8090), ("metrics", 9100)}
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    # Off by default: the HPA, the Ingress and the webhook deliverer (it needs a signing key Secret).
+    assert "HorizontalPodAutoscaler" not in {d["kind"] for d in docs}
+    assert "demo-modpipe-webhooks" not in _by_kind(docs, "Deployment")
+
+
+def test_the_gateway_scales_on_cpu_and_takes_an_ingress(render: Render) -> None:
+    values = _merge(BASE_VALUES, {"gateway": {
+        "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9, "targetCPUUtilizationPercentage": 60},
+        "ingress": {"enabled": True, "className": "nginx",
+                    "hosts": [{"host": "api.example.org", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]}}})
+    docs = render(values)
+    dep = _by_kind(docs, "Deployment")["demo-modpipe-gateway"]
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["demo-modpipe-gateway"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "demo-modpipe-gateway"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 9)
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    rule = _by_kind(docs, "Ingress")["demo-modpipe-gateway"]["spec"]["rules"][0]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "demo-modpipe-gateway", "port": {"name": "http"}}
+
+
+def test_the_webhook_deliverer_alone_gets_the_signing_key_and_scales_on_its_group_lag(render: Render) -> None:
+    values = _merge(WEBHOOKS_ON, {"kafka": {"topicPrefix": "eu1."}, "webhooks": {"autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 6, "lagThreshold": 200}}})
+    docs = render(values)
+    deployments = _by_kind(docs, "Deployment")
+    dep = deployments["demo-modpipe-webhooks"]
+    c = _container(dep)
+    assert c["args"] == ["webhooks", "deliver"]
+    assert {e["name"]: e["value"] for e in c["env"]} == {"MODPIPE_WEBHOOKS__METRICS_PORT": "9100"}
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"]
+    assert c["startupProbe"]["httpGet"]["port"] == "metrics"
+    assert f"{SECRETS_DIR}/webhook-signing-key" in c["command"][2]
+
+    def secret_names(deploy: dict[str, Any]) -> set[str]:
+        volume = next(v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets")
+        return {s["secret"]["name"] for s in volume["projected"]["sources"]}
+
+    assert secret_names(dep) == {SECRET_NAME, "modpipe-webhooks"}
+    for name, other in deployments.items():
+        if name not in ("demo-modpipe-webhooks", "demo-modpipe-triton"):
+            assert "modpipe-webhooks" not in secret_names(other), name
+    so = _by_kind(docs, "ScaledObject")["demo-modpipe-webhooks"]
+    trigger = so["spec"]["triggers"][0]["metadata"]
+    assert (trigger["consumerGroup"], trigger["topic"]) == ("eu1.modpipe-webhooks", "eu1.moderation.verdicts")
+    assert trigger["lagThreshold"] == "200" and "replicas" not in dep["spec"]
+    assert "demo-modpipe-webhooks" in _by_kind(docs, "PodDisruptionBudget")
+    assert "demo-modpipe-webhooks-metrics" in _by_kind(docs, "Service")
+
+
+def test_the_webhook_deliverer_is_refused_without_its_key_or_beyond_the_partitions(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmError, match="webhookSigningKeySecret"):
+        chart.render(_merge(BASE_VALUES, {"webhooks": {"enabled": True}}), name="demo", namespace="moderation")
+    too_many = _merge(WEBHOOKS_ON, {"kafka": {"partitions": 2}, "webhooks": {"autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 3}}})
+    with pytest.raises(helm.HelmError, match="exceeds kafka.partitions"):
+        chart.render(too_many, name="demo", namespace="moderation")
+
+
+@pytest.mark.parametrize("values", [WEBHOOKS_ON], ids=["webhooks-on"])
+def test_front_door_renders_lint_and_validate(
+    render: Render, crd_schemas: dict[tuple[str, str], dict[str, Any]], values: dict[str, Any]
+) -> None:
+    assert deploy_check.lint_chart(CHART_DIR, values, K8S_VERSION) == []
+    assert deploy_check.first_invalid_object(render(values), K8S_VERSION, crd_schemas) is None
+
+
+def test_the_entrypoint_exports_the_webhook_signing_key_file(render: Render, tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "redis-password").write_text("pw")
+    (secrets / "webhook-signing-key").write_text("k3y")
+    values = _merge(WEBHOOKS_ON, {"secretFiles": {"mountPath": str(secrets)}})
+    container = _container(_by_kind(render(values), "Deployment")["demo-modpipe-webhooks"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "modpipe"
+    fake.write_text('#!/bin/sh\nprintf "args=%s\\n" "$*"\nprintf "key=%s\\n" "$MODPIPE_WEBHOOKS__SIGNING_KEY"\n')
+    fake.chmod(0o755)
+    ran = subprocess.run([*container["command"], *container["args"]], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["args=webhooks deliver", "key=k3y"]

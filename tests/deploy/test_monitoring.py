@@ -51,7 +51,7 @@ def test_prometheus_scrapes_workers_and_triton(services: dict[str, dict[str, Any
             targets += [f"{n}:{sd['port']}" for n in sd["names"]]
         for sc in job.get("static_configs", []):
             targets += sc["targets"]
-    for role in (*WORKER_ROLES, "review", "reasoning-cpu"):
+    for role in (*WORKER_ROLES, "review", "reasoning-cpu", "gateway", "webhooks"):
         assert f"{role}:9100" in targets
     assert "triton:8002" in targets and "triton-cpu:8002" in targets
     assert config["rule_files"] == ["/etc/prometheus/rules.yml"]

@@ -125,27 +125,42 @@ command:
     MODPIPE_REDIS__PASSWORD="$(cat {{ $dir }}/redis-password)"; export MODPIPE_REDIS__PASSWORD;
     if [ -f {{ $dir }}/review-admin-token ]; then
     MODPIPE_REVIEW__ADMIN_TOKEN="$(cat {{ $dir }}/review-admin-token)"; export MODPIPE_REVIEW__ADMIN_TOKEN; fi;
+    if [ -f {{ $dir }}/webhook-signing-key ]; then
+    MODPIPE_WEBHOOKS__SIGNING_KEY="$(cat {{ $dir }}/webhook-signing-key)"; export MODPIPE_WEBHOOKS__SIGNING_KEY; fi;
     exec modpipe "$@"
   - modpipe
 {{- end }}
 
 {{/* The projected Secret volume behind modpipe.command: fixed file names whatever the Secrets' keys are. */}}
 {{- define "modpipe.secretVolume" -}}
+{{ include "modpipe.secretVolumeWith" (dict "root" . "webhooks" false) }}
+{{- end }}
+
+{{/* The same volume plus the webhook signing key, for the webhook deliverer's pods only. */}}
+{{- define "modpipe.secretVolumeWith" -}}
+{{- $root := .root -}}
 - name: secrets
   projected:
     defaultMode: 0440
     sources:
       - secret:
-          name: {{ include "modpipe.redisSecretName" . }}
+          name: {{ include "modpipe.redisSecretName" $root }}
           items:
-            - key: {{ .Values.redis.auth.passwordKey }}
+            - key: {{ $root.Values.redis.auth.passwordKey }}
               path: redis-password
-      {{- with .Values.secretFiles.reviewAdminTokenSecret }}
+      {{- with $root.Values.secretFiles.reviewAdminTokenSecret }}
       - secret:
           name: {{ . }}
           items:
-            - key: {{ $.Values.secretFiles.reviewAdminTokenKey }}
+            - key: {{ $root.Values.secretFiles.reviewAdminTokenKey }}
               path: review-admin-token
+      {{- end }}
+      {{- if .webhooks }}
+      - secret:
+          name: {{ required "webhooks.enabled needs secretFiles.webhookSigningKeySecret: a Secret holding the key webhook secrets are derived from" $root.Values.secretFiles.webhookSigningKeySecret }}
+          items:
+            - key: {{ $root.Values.secretFiles.webhookSigningKeyKey }}
+              path: webhook-signing-key
       {{- end }}
 {{- end }}
 
@@ -155,9 +170,9 @@ command:
   readOnly: true
 {{- end }}
 
-{{/* Topic a worker role consumes, and its consumer group: what KEDA measures the lag of. */}}
+{{/* Topic a worker role (or the webhook deliverer) consumes, and its consumer group: what KEDA measures the lag of. */}}
 {{- define "modpipe.roleTopic" -}}
-{{- $topics := dict "triage" "content.incoming" "reasoning" "moderation.escalations" "review-intake" "moderation.review" -}}
+{{- $topics := dict "triage" "content.incoming" "reasoning" "moderation.escalations" "review-intake" "moderation.review" "webhooks" "moderation.verdicts" -}}
 {{- printf "%s%s" .root.Values.kafka.topicPrefix (required (printf "unknown worker role %q" .role) (get $topics .role)) }}
 {{- end }}
 
