@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ITEMS ?= 200
 
-.PHONY: install demo test test-unit chaos bench stack-down clean
+.PHONY: install demo test test-unit chaos drills soak stress capacity bench stack-down clean
 
 install: $(STAMP)
 
@@ -34,6 +34,24 @@ test-unit: install
 
 chaos: install
 	$(BIN)/modpipe chaos --items 300 --malformed 10 --kill-worker --json-out out/chaos.json
+
+# Every fault drill on the durable stack (docs/OPERATIONS.md, "Fault drills"); each writes out/drill-KIND.json.
+drills: install
+	for kind in worker redis broker triton; do \
+		$(BIN)/modpipe chaos --durable --items 400 --malformed 20 --poison --kill $$kind \
+			--json-out out/drill-$$kind.json || exit $$?; \
+	done
+
+soak: install
+	$(BIN)/modpipe bench soak --rate 15 --minutes 10
+
+# The stress gate as CI runs it (tests/e2e/test_stress_gate.py, part of `make test`); exit 2 on a breach.
+stress: install
+	$(BIN)/modpipe bench stress --rate 10 --seconds 20 --max-drop-rate 0.01 --max-p95-ms 3000 --json-out out/stress.json
+
+# The knee of every stage: docs/BENCHMARKS.md "Capacity" and docs/capacity.png (about 10 minutes on 2 cores).
+capacity: install
+	$(BIN)/modpipe bench capacity --json-out out/bench-capacity.json
 
 stack-down:
 	$(BIN)/modpipe stack down

@@ -12,14 +12,14 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.errors import StackError
 from pipeline.reports import percentile
-from pipeline.schemas import DeadLetter, ReviewTask, Verdict, VerdictStatus
+from pipeline.schemas import DeadLetter, ReviewTask, Verdict, VerdictStatus, parse_wire
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class JourneyObserver:
         self.dead_letters: dict[tuple[str, int | None, int | None], DeadLetter] = {}
         self.dead_letter_copies = 0
         self.undecodable = 0
+        # (monotonic time, content id, what): when each settling message (final verdict, review task) arrived
+        self.arrivals: list[tuple[float, str, str]] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -102,15 +104,18 @@ class JourneyObserver:
 
     def _observe(self, topic: str, value: bytes) -> None:
         if topic == self.verdicts_topic:
-            verdict = Verdict.model_validate_json(value)
+            verdict = parse_wire(Verdict, value)
             if verdict.content_id.startswith(self.run_id):
                 self.journeys[verdict.content_id].verdicts.append(verdict)
+                if verdict.status is VerdictStatus.FINAL:
+                    self.arrivals.append((time.monotonic(), verdict.content_id, f"final_{verdict.stage.value}"))
         elif topic == self.review_topic:
-            task = ReviewTask.model_validate_json(value)
+            task = parse_wire(ReviewTask, value)
             if task.item.content_id.startswith(self.run_id):
                 self.journeys[task.item.content_id].review_tasks.append(task)
+                self.arrivals.append((time.monotonic(), task.item.content_id, "review"))
         elif topic == self.deadletter_topic:
-            letter = DeadLetter.model_validate_json(value)
+            letter = parse_wire(DeadLetter, value)
             if (letter.content_id or "").startswith(self.run_id) or self._raw_mentions_run(letter):
                 key = (letter.topic, letter.partition, letter.offset)
                 if key in self.dead_letters:
@@ -151,9 +156,27 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
     pending_review = 0
     final_verdicts = 0
     escalated = 0
+    model_calls = cached_calls = input_tokens = output_tokens = uncounted_calls = 0
+    by_effort: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "input_tokens": 0, "output_tokens": 0})
     for cid in content_ids:
         journey = observer.journeys.get(cid, Journey())
         finals = journey.finals
+        # The reasoning calls made for the item, counted once: from its review task, else its first final verdict.
+        calls = (journey.review_tasks[0].reasoner_calls if journey.review_tasks
+                 else finals[0].reasoner_calls if finals else [])
+        for call in calls:
+            if call.cached:
+                cached_calls += 1
+                continue
+            model_calls += 1
+            if call.prompt_tokens is None and call.completion_tokens is None:
+                uncounted_calls += 1
+            input_tokens += call.prompt_tokens or 0
+            output_tokens += call.completion_tokens or 0
+            effort = by_effort[call.effort.value]
+            effort["calls"] += 1
+            effort["input_tokens"] += call.prompt_tokens or 0
+            effort["output_tokens"] += call.completion_tokens or 0
         identical_copies += len(journey.verdicts) - len({v.verdict_id for v in journey.verdicts})
         if len(journey.distinct_finals) > 1:
             duplicates += 1
@@ -184,6 +207,8 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
             if not provisional:
                 journey_errors.append(f"{cid}: sent to review without a provisional verdict (item not hidden)")
     lost = [c for c in content_ids if not observer.journeys.get(c, Journey()).settled]
+    per_1000 = 1000 / len(content_ids) if content_ids else 0.0
+    sent_to_review = sum(1 for c in content_ids if observer.journeys.get(c, Journey()).review_tasks)
     return {
         "published": published,
         "final_verdicts": final_verdicts,
@@ -206,4 +231,67 @@ def summarise(observer: JourneyObserver, content_ids: list[str], published: int)
             "final_p99": percentile(final_ms, 99),
             "triage_batch_compute_p50": percentile(triage_compute_ms, 50),
         },
+        # What a deployment pays per 1,000 items: the share that needs the reasoning model, what it costs there
+        # (calls that reached the model; cached answers cost none) and the share that ends with people.
+        "per_1000_items": {
+            "escalated": round(escalated * per_1000, 1),
+            "sent_to_review": round(sent_to_review * per_1000, 1),
+            "reasoner_calls": round(model_calls * per_1000, 1),
+            "input_tokens": round(input_tokens * per_1000),
+            "output_tokens": round(output_tokens * per_1000),
+        },
+        # What the reasoning model cost: calls that reached it (cached answers cost none) and their tokens.
+        "reasoner": {
+            "model_calls": model_calls,
+            "cached_calls": cached_calls,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "calls_without_token_counts": uncounted_calls,
+            "by_effort": {name: dict(counts) for name, counts in sorted(by_effort.items())},
+            "per_1000_items": {
+                "model_calls": round(model_calls * per_1000, 1),
+                "input_tokens": round(input_tokens * per_1000),
+                "output_tokens": round(output_tokens * per_1000),
+            },
+        },
     }
+
+
+def _ms(later: datetime, earlier: datetime) -> float:
+    return max(0.0, (later - earlier).total_seconds() * 1000.0)
+
+
+def stage_latencies(observer: JourneyObserver, content_ids: list[str]) -> dict[str, dict[str, float | int | None]]:
+    """Latency per stage, from the item's broker timestamp on its input topic, p50/p95/p99 and how many items:
+
+    - ``triage``: to the triage verdict (final, or the provisional hide of an escalated item);
+    - ``reasoning``: to the end of the reasoning stage for escalated items (the reasoner's final verdict, or the
+      review task it created);
+    - ``settle``: to the first verdict that settles the item (a final verdict, or its review task): what a platform
+      waits until every item is decided or with people.
+    """
+    triage: list[float] = []
+    reasoning: list[float] = []
+    settle: list[float] = []
+    for cid in content_ids:
+        journey = observer.journeys.get(cid)
+        if journey is None:
+            continue
+        first_triage = next((v for v in journey.verdicts if v.stage.value == "triage"), None)
+        if first_triage is not None and first_triage.latency.since_ingest_ms is not None:
+            triage.append(first_triage.latency.since_ingest_ms)
+        final = journey.finals[0] if journey.finals else None
+        task = journey.review_tasks[0] if journey.review_tasks else None
+        done_ms: float | None = None
+        if final is not None and final.latency.since_ingest_ms is not None:
+            done_ms = final.latency.since_ingest_ms
+            if final.stage.value == "reasoner":
+                reasoning.append(done_ms)
+        elif task is not None:
+            done_ms = _ms(task.created_at, task.ingested_at)
+            reasoning.append(done_ms)
+        if done_ms is not None:
+            settle.append(done_ms)
+    return {name: {"items": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+                   "p99": percentile(values, 99)}
+            for name, values in (("triage", triage), ("reasoning", reasoning), ("settle", settle))}

@@ -31,18 +31,21 @@ def sample_posts(path: Path = SAMPLE_TRAFFIC) -> list[dict[str, str]]:
 _REPLY_HANDLES = ("mika", "dantheman", "sunnydays", "kt", "oldmate", "pixelpaws", "jobakes", "northstar")
 
 
-def sample_texts(n: int, seed: int = 0, dataset: Path = SAMPLE_TRAFFIC, *, distinct: bool = False) -> list[str]:
+def sample_texts(n: int, seed: int = 0, dataset: Path = SAMPLE_TRAFFIC, *, distinct: bool = False,
+                 start: int = 0) -> list[str]:
     """``n`` texts drawn (with a fixed seed, repeating if needed) from the project's sample traffic.
 
     ``distinct``: every pass over the pool after the first turns its posts into replies (``"@kt2 " + text``), so no
     text repeats. Benches that need more texts than the pool holds use it: a repeated text would be served by the
-    embedding and verdict caches and flatter the numbers.
+    embedding and verdict caches and flatter the numbers. ``start`` continues the same sequence (texts ``start`` ..
+    ``start + n - 1``), so phases of one run (a warm-up, then rounds) never repeat each other's texts: two calls
+    with different seeds still share the pool's first pass.
     """
     texts = [post["text"] for post in sample_posts(dataset)]
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         lap, index = divmod(i, len(order))
         text = texts[order[index]]
         if distinct and lap:
@@ -51,10 +54,11 @@ def sample_texts(n: int, seed: int = 0, dataset: Path = SAMPLE_TRAFFIC, *, disti
     return out
 
 
-def sample_items(n: int, run_id: str, seed: int = 0, *, distinct: bool = False) -> list[ContentItem]:
+def sample_items(n: int, run_id: str, seed: int = 0, *, distinct: bool = False, start: int = 0) -> list[ContentItem]:
+    """``n`` items of :func:`sample_texts` (ids ``<run_id>-<position>``: positions are unique within a sequence)."""
     return [
         ContentItem(content_id=f"{run_id}-{i:06d}", text=text, platform="demo", author_id=f"author-{i % 97}")
-        for i, text in enumerate(sample_texts(n, seed, distinct=distinct))
+        for i, text in enumerate(sample_texts(n, seed, distinct=distinct, start=start), start=start)
     ]
 
 

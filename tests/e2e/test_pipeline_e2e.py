@@ -95,11 +95,53 @@ def test_chaos_kill_worker_and_rebalances_lose_nothing(isolated_env, tmp_path: P
             state_dir=isolated_env.state_dir,
             console=Console(quiet=True),
             workers_of_role=2,
+            poison=True,
         )
     )
     assert report["killed_role"] == "triage" and report["workers_of_killed_role"] == 2
     assert report["lost"] == 0, report["lost_ids"]
     assert report["duplicate_final_verdicts"] == 0
-    assert report["dead_letters"] == 10
+    assert report["dead_letters"] == report["dead_letters_expected"] == 10 + 6
     assert report["dead_letters_without_reason"] == 0
+    assert report["valid_dead_lettered"] == [] and report["released_while_unreviewed"] == 0
+    assert report["worker_restarts"] == {"triage": 1}  # the supervisor restarted the killed worker
     assert (tmp_path / "chaos.json").exists()
+
+
+# -- the fault drills on the durable stack: a dependency killed with kill -9 and restarted on its own ports ---------
+
+
+@pytest.fixture(scope="module")
+def durable_stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A durable stack of this module's own (broker on local S3, Redis append-only, Triton): the drills kill its
+    services, which no other test may share."""
+    from pipeline.errors import StackError
+    from pipeline.stack import stack_down, stack_up
+
+    state_dir = tmp_path_factory.mktemp("durable_e2e")
+    try:
+        info = stack_up(state_dir, durable=True, timeout_s=300)
+    except StackError as exc:
+        pytest.fail(f"durable stack did not start: {exc}", pytrace=False)
+    yield info
+    stack_down(state_dir)
+
+
+@pytest.mark.parametrize("kill", ["redis", "broker", "triton"])
+def test_drill_dependency_killed_and_restarted_loses_nothing(durable_stack, unique_prefix, monkeypatch,
+                                                            tmp_path: Path, kill: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MODPIPE_STATE_DIR", str(durable_stack.state_dir))
+    monkeypatch.setenv("MODPIPE_KAFKA__TOPIC_PREFIX", unique_prefix)
+    report = asyncio.run(
+        run_chaos(items=120, malformed=5, kill_worker=False, kill_role=Role.TRIAGE, json_out=tmp_path / "drill.json",
+                  rate_per_s=20, timeout_s=420, state_dir=durable_stack.state_dir, console=Console(quiet=True),
+                  kill=kill, poison=True, down_s=5.0)
+    )
+    assert report["durable_stack"] and report["drill"] == kill
+    assert report["acknowledged"] == report["published"]
+    assert report["lost"] == 0, report["lost_ids"]
+    assert report["duplicate_final_verdicts"] == 0
+    assert report["released_while_unreviewed"] == 0, report["released_ids"]
+    assert report["valid_dead_lettered"] == []
+    assert report["dead_letters"] == report["dead_letters_expected"]
+    assert report["time_to_recover_s"] is not None

@@ -24,14 +24,13 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import typer
 from rich.console import Console
 
 from pipeline.host import machine_summary
 from pipeline.harness.bench.docs import BENCHMARKS_MD, markers, replace_section
 from pipeline.config import PROJECT_ROOT, RedisSettings, ReasonerSettings, TritonSettings
 from pipeline.reports import percentile
-from pipeline.schemas import ContentItem
+from pipeline.schemas import ContentItem, Effort
 
 BENCH_MODEL = "sleep_reasoner_bench"
 BENCH_MODEL_DIR = PROJECT_ROOT / "triton_repo" / "bench" / BENCH_MODEL
@@ -112,6 +111,10 @@ async def _measure(grpc_url: str, redis_url: str, concurrency: int, items: list[
     calls = [c for o in outcomes.values() for c in o.calls]  # type: ignore[attr-defined]
     dup_cached = sum(all(c.cached for c in outcomes[i].calls) for i in dup_index)  # type: ignore[attr-defined]
     latencies.sort()
+    made = [c for c in calls if not c.cached]
+    input_tokens = sum(c.prompt_tokens or 0 for c in made)
+    output_tokens = sum(c.completion_tokens or 0 for c in made)
+    per_1000 = 1000 / len(items) if items else 0.0
     return {
         "items": len(items),
         "concurrency": concurrency,
@@ -127,6 +130,14 @@ async def _measure(grpc_url: str, redis_url: str, concurrency: int, items: list[
         "cache_hit_rate_on_duplicates": round(dup_cached / len(dup_index), 4) if dup_index else None,
         "item_latency_ms_p50": percentile(latencies, 50),
         "item_latency_ms_p95": percentile(latencies, 95),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tokens_from_backend": bool(made) and all(c.tokens_from_backend for c in made),
+        "per_1000_items": {
+            "model_calls": round(len(made) * per_1000, 1),
+            "input_tokens": round(input_tokens * per_1000),
+            "output_tokens": round(output_tokens * per_1000),
+        },
     }
 
 
@@ -184,6 +195,10 @@ def render_section(r: dict) -> str:
         f"| model calls for {r['items']} items | {r['model_calls']} ({r['model_calls_per_s']}/s; every item is one call "
         "at low effort, a duplicate is none) |",
         f"| item latency p50 / p95 | {r['item_latency_ms_p50']} / {r['item_latency_ms_p95']} ms |",
+        f"| per 1,000 items | {r['per_1000_items']['model_calls']} model calls, "
+        f"{r['per_1000_items']['input_tokens']:,} input and {r['per_1000_items']['output_tokens']:,} output tokens "
+        f"({'the backend' if r['tokens_from_backend'] else 'counted by the client'}; the bench model's answers are "
+        "short, a real model's analysis is not) |",
         f"| errors | {r['errors']} |",
         "",
         "Target: at least 100 items/s at 200 ms and concurrency 32, every duplicate served from the cache.",
@@ -194,3 +209,85 @@ def render_section(r: dict) -> str:
 def write_benchmarks_section(report: dict, path: Path = BENCHMARKS_MD) -> None:
     """Replace the reasoner section between its markers (appending it when absent); other sections untouched."""
     replace_section("reasoner", render_section(report), path)
+
+
+# -- the CPU stand-in's own cost per call ------------------------------------------------------------------------
+
+STANDIN_POLICIES = ("violence", "hate", "harassment", "self_harm")
+
+
+async def _standin_latency(grpc_url: str, concurrency: int) -> dict:
+    """Per-call latency of ``safeguard_standin_cpu`` (no cache, no escalation): posts it has not seen, so nothing
+    is warm but each policy's index (built by a warm-up on other posts)."""
+    import json as json_mod
+
+    from pipeline.harness.traffic import SAMPLE_TRAFFIC
+    from pipeline.policies import PolicyLibrary
+    from pipeline.reasoner.backends.triton import HarmonyBackend, TritonGrpcTransport
+
+    library = PolicyLibrary.load(PROJECT_ROOT / "policies")
+    posts = [json_mod.loads(line)["text"] for line in SAMPLE_TRAFFIC.read_text().splitlines() if line.strip()]
+    work = [(library.get(STANDIN_POLICIES[i % len(STANDIN_POLICIES)]), text) for i, text in enumerate(posts)]
+    warm, low, high, parallel = work[:20], work[20:100], work[100:180], work[180:300]
+    model = "safeguard_standin_cpu"
+    transport = TritonGrpcTransport(TritonSettings(grpc_url=grpc_url, reasoner_model=model))
+    backend = HarmonyBackend(transport, model, logprobs=ReasonerSettings().logprobs)
+    budget = ReasonerSettings().max_tokens_low
+    report: dict = {}
+    async with asyncio.timeout(600):
+        await backend.start()
+        try:
+            for i, (policy, text) in enumerate(warm):
+                for effort in (Effort.LOW, Effort.HIGH):
+                    await backend.complete(policy, text, effort, f"warm-{i}-{effort.value}", max_tokens=budget)
+            for name, rows, effort in (("low", low, Effort.LOW), ("high", high, Effort.HIGH)):
+                latencies = []
+                for i, (policy, text) in enumerate(rows):
+                    t0 = time.perf_counter()
+                    await backend.complete(policy, text, effort, f"{name}-{i}", max_tokens=budget)
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                latencies.sort()
+                report[f"sequential_{name}"] = {"calls": len(latencies), "p50_ms": percentile(latencies, 50),
+                                                "p95_ms": percentile(latencies, 95),
+                                                "mean_ms": round(statistics.fmean(latencies), 1)}
+            gate = asyncio.Semaphore(concurrency)
+
+            async def bounded(i: int, policy, text: str) -> None:  # type: ignore[no-untyped-def]
+                async with gate:
+                    await backend.complete(policy, text, Effort.LOW, f"par-{i}", max_tokens=budget)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(bounded(i, p, t) for i, (p, t) in enumerate(parallel)))
+            report[f"concurrency_{concurrency}_calls_per_s"] = round(len(parallel) / (time.perf_counter() - t0), 1)
+        finally:
+            await backend.close()
+    return report
+
+
+def run_standin_bench(state_dir: Path, concurrency: int = 8) -> dict:
+    """Start a private stack serving ``triton_repo/cpu`` and measure the stand-in per call (printed as JSON by
+    ``python -m pipeline.harness.bench.reasoner --standin``)."""
+    from pipeline.stack import stack_down, stack_up
+
+    started = time.monotonic()
+    info = stack_up(Path(state_dir) / "bench-standin", private_redis=True, timeout_s=300)
+    ready_s = round(time.monotonic() - started, 1)
+    try:
+        report = asyncio.run(_standin_latency(info.triton_grpc, concurrency))
+    finally:
+        stack_down(info.state_dir)
+    report.update({"stack_ready_s": ready_s, "machine": machine_summary(),
+                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "command": "python -m pipeline.harness.bench.reasoner --standin"})
+    return report
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from pipeline.config import default_state_dir
+
+    if sys.argv[1:] != ["--standin"]:
+        raise SystemExit("usage: python -m pipeline.harness.bench.reasoner --standin")
+    print(json.dumps(run_standin_bench(default_state_dir()), indent=2))

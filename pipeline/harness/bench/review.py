@@ -33,26 +33,11 @@ from pipeline.broker import ensure_topics
 from pipeline.policies import PolicyLibrary
 from pipeline.review.auth import Role, TokenStore
 from pipeline.review.queue import ReviewQueue, severities_from
-from pipeline.harness.review import read_topic, sample_task
+from pipeline.harness.review import read_topic, sample_task, wait_review_service
 from pipeline.schemas import ReviewDecision, Stage, Verdict, VerdictStatus
 from pipeline.store import RedisStore
 
 BEGIN, END = markers("review")
-
-
-async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the review service exited with {proc.returncode} (log: {log_path})")
-            try:
-                if (await client.get(f"{url}/healthz", timeout=1.0)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"the review service did not answer on {url} within {timeout_s:.0f}s")
 
 
 async def run_review_bench(reviewers: int, items: int, json_out: Path | None, markdown: bool,
@@ -95,7 +80,7 @@ async def run_review_bench(reviewers: int, items: int, json_out: Path | None, ma
             [sys.executable, "-m", "pipeline.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
         )
-        await _wait_healthy(url, server, log_path)
+        await wait_review_service(url, server, log_path)
         console.print(f"[bold]{reviewers} reviewers[/] claiming and deciding over HTTP ({url})")
 
         claims: dict[str, list[int]] = defaultdict(list)
