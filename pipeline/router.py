@@ -32,6 +32,12 @@ class TriageThresholds:
     ``violation < allow_below`` allows, ``violation >= block_above`` blocks, anything between escalates. A
     category in ``high_risk`` escalates when its probability reaches the given value, whatever the band says.
     ``category_policies`` maps each classifier category to the policy the reasoner checks for it.
+
+    ``category_bands`` (per category ``(allow_below, block_above)``, chosen on that head's own out-of-fold scores):
+    a category at or above its block level blocks under its policy even when the ``any`` score sits in the band;
+    a category at or above its allow level keeps the item from being auto-allowed. A category without a band
+    only ranks the policies to check. ``languages``: the languages the artefact was validated on; a text detected
+    in another one is escalated, never auto-decided (empty: no language rule).
     """
 
     allow_below: float
@@ -39,6 +45,8 @@ class TriageThresholds:
     high_risk: dict[str, float] = field(default_factory=dict)
     category_policies: dict[str, str] = field(default_factory=dict)
     policy_floor: float = 0.1  # a category at or above this probability is worth a reasoner call
+    category_bands: dict[str, tuple[float, float]] = field(default_factory=dict)
+    languages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.allow_below <= self.block_above <= 1.0:
@@ -46,6 +54,10 @@ class TriageThresholds:
                 f"thresholds must satisfy 0 <= allow_below <= block_above <= 1, "
                 f"got allow_below={self.allow_below} block_above={self.block_above}"
             )
+        for category, (low, high) in self.category_bands.items():
+            # allow 1.0 with block 0.85 is valid: that category blocks when confident and never vetoes auto-allow.
+            if not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
+                raise ValueError(f"category band {category} levels must lie in [0, 1], got {low}, {high}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class TriageDecision:
     route: TriageRoute
     reason: EscalationReason | None = None
     policy_ids: tuple[str, ...] = ()
+    note: str = ""  # why, when the `any` band alone would have decided otherwise (a category, the language)
 
 
 def _policies_to_check(scores: TriageScores, thresholds: TriageThresholds, enforcing: list[str]) -> tuple[str, ...]:
@@ -71,9 +84,13 @@ def _policies_to_check(scores: TriageScores, thresholds: TriageThresholds, enfor
 
 
 def route_triage(
-    scores: TriageScores, thresholds: TriageThresholds, enforcing_policies: list[str]
+    scores: TriageScores, thresholds: TriageThresholds, enforcing_policies: list[str], *, language: str | None = None
 ) -> TriageDecision:
-    """Decide what happens to an item after triage."""
+    """Decide what happens to an item after triage.
+
+    ``language``: the item's detected (or declared) language, ``None`` when unknown; with ``thresholds.languages``
+    set, an item in another language is escalated whatever its scores.
+    """
     high_risk_hit = any(
         scores.categories.get(category, 0.0) >= level for category, level in thresholds.high_risk.items()
     )
@@ -83,7 +100,22 @@ def route_triage(
             EscalationReason.HIGH_RISK,
             _policies_to_check(scores, thresholds, enforcing_policies),
         )
-    if scores.violation < thresholds.allow_below:
+    if thresholds.languages and language is not None and language.split("-")[0].lower() not in thresholds.languages:
+        return TriageDecision(TriageRoute.ESCALATE, EscalationReason.AMBIGUOUS,
+                              _policies_to_check(scores, thresholds, enforcing_policies),
+                              note=f"language {language} is not one triage was validated on")
+    bands = thresholds.category_bands
+    confident = [c for c, (_, block) in bands.items() if c not in thresholds.high_risk
+                 and thresholds.category_policies.get(c) in enforcing_policies and scores.categories.get(c, 0.0) >= block]
+    if scores.violation >= thresholds.block_above or confident:
+        policies = _policies_to_check(scores, thresholds, enforcing_policies)
+        if scores.violation < thresholds.block_above:  # blocked on a category head's own confident band
+            named = tuple(dict.fromkeys(thresholds.category_policies[c] for c in confident))
+            return TriageDecision(TriageRoute.BLOCK, policy_ids=named,
+                                  note=f"category {', '.join(confident)} at or above its block level")
+        return TriageDecision(TriageRoute.BLOCK, policy_ids=policies)
+    unsure = [c for c, (allow, _) in bands.items() if scores.categories.get(c, 0.0) >= allow]
+    if scores.violation < thresholds.allow_below and not unsure:
         # A policy the classifier has no category for (e.g. fraud/spam, asked for by the producer) cannot be
         # cleared by triage: only the reasoner can say the item does not violate it.
         covered = set(thresholds.category_policies.values())
@@ -91,10 +123,10 @@ def route_triage(
         if uncovered:
             return TriageDecision(TriageRoute.ESCALATE, EscalationReason.AMBIGUOUS, uncovered)
         return TriageDecision(TriageRoute.ALLOW)
-    if scores.violation >= thresholds.block_above:
-        return TriageDecision(TriageRoute.BLOCK, policy_ids=_policies_to_check(scores, thresholds, enforcing_policies))
     return TriageDecision(
-        TriageRoute.ESCALATE, EscalationReason.AMBIGUOUS, _policies_to_check(scores, thresholds, enforcing_policies)
+        TriageRoute.ESCALATE, EscalationReason.AMBIGUOUS, _policies_to_check(scores, thresholds, enforcing_policies),
+        note=f"category {', '.join(unsure)} above its allow level" if unsure and
+        scores.violation < thresholds.allow_below else "",
     )
 
 
@@ -106,12 +138,18 @@ class ReasoningRoute(str, enum.Enum):
 
 
 # Why an answer was not accepted (ReasonerCall.escalation_reasons). The UNSETTLING ones keep an answer unsettled
-# at the top effort (review); the other two only ask for a second look at the higher effort.
+# at the top effort (review); CONTRADICTS_TRIAGE and HIGH_RISK_POLICY only ask for a second look at the higher
+# effort. CONTENT_CUT (a "no violation" answer about content cut to fit the context) is unsettling, and asking
+# harder cannot help it: the cut part stays unread.
 INVALID_OUTPUT, LOW_CONFIDENCE, UNKNOWN_RULES, RULES_DISAGREE, FAILED = (
     "invalid_output", "low_confidence", "unknown_rules", "rules_disagree", "failed",
 )
-CONTRADICTS_TRIAGE, HIGH_RISK_POLICY = "contradicts_triage", "high_risk_policy"
-UNSETTLING = frozenset({INVALID_OUTPUT, LOW_CONFIDENCE, UNKNOWN_RULES, RULES_DISAGREE, FAILED})
+CONTRADICTS_TRIAGE, HIGH_RISK_POLICY, CONTENT_CUT = "contradicts_triage", "high_risk_policy", "content_cut"
+UNSETTLING = frozenset({INVALID_OUTPUT, LOW_CONFIDENCE, UNKNOWN_RULES, RULES_DISAGREE, FAILED, CONTENT_CUT})
+NO_SECOND_LOOK_REASONS = frozenset({CONTENT_CUT})
+# Failures a higher effort cannot fix: a down server (its retries are spent), an answer already cut off at a larger
+# budget (higher effort writes more), a policy whose answer format cannot be read.
+NO_SECOND_LOOK_FAILURES = TRANSPORT_FAILURES | {CallFailure.TRUNCATED, CallFailure.UNSUPPORTED_FORMAT}
 
 
 @dataclass(frozen=True)
@@ -127,7 +165,7 @@ class Assessment:
     reasons: tuple[str, ...] = ()
     failure: CallFailure | None = None
     can_raise_effort: bool = False  # the policy's escalated effort is above the effort of this answer
-    escalate_to_humans: bool = False  # the policy says a violation goes to people, not automatic removal
+    escalate_to_humans: bool = False  # the policy (or the rule cited, or the answer) says people decide a violation
 
     @property
     def settled(self) -> bool:
@@ -136,9 +174,11 @@ class Assessment:
 
     @property
     def wants_second_look(self) -> bool:
-        """Ask again at the higher effort: some check failed, the effort can go up, and the call did not fail in
-        transport (a down server does not come back because we ask harder; its retries are already spent)."""
-        return bool(self.reasons) and self.can_raise_effort and self.failure not in TRANSPORT_FAILURES
+        """Ask again at the higher effort: a check that a harder look can change failed, the effort can go up, and
+        the call did not fail in a way effort cannot fix (a down server, an answer cut off even at a larger
+        budget, an unreadable answer format)."""
+        return (bool(set(self.reasons) - NO_SECOND_LOOK_REASONS) and self.can_raise_effort
+                and self.failure not in NO_SECOND_LOOK_FAILURES)
 
 
 @dataclass(frozen=True)

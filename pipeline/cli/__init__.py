@@ -6,15 +6,17 @@ import typer
 
 from pipeline.cli.bench import bench_app
 from pipeline.cli.deploy import deploy_app
-from pipeline.cli.ops import config_app, topics_app, visibility_app
+from pipeline.cli.gateway import gateway_app, webhooks_app
+from pipeline.cli.ops import config_app, status, topics_app, visibility_app
 from pipeline.cli.policy import policy_app
+from pipeline.cli.publish import publish, watch
 from pipeline.cli.review import review_app
 from pipeline.cli.run import chaos, demo, worker
 from pipeline.cli.stack import stack_app
 from pipeline.cli.triage import triage_app
 
 app = typer.Typer(help="modpipe: policy-driven, explainable content moderation.", no_args_is_help=True)
-for command in (worker, demo, chaos):
+for command in (worker, demo, chaos, status, publish, watch):
     app.command()(command)
 for group, name in (
     (stack_app, "stack"),
@@ -25,6 +27,8 @@ for group, name in (
     (policy_app, "policy"),
     (review_app, "review"),
     (deploy_app, "deploy"),
+    (gateway_app, "gateway"),
+    (webhooks_app, "webhooks"),
     (bench_app, "bench"),
 ):
     app.add_typer(group, name=name)

@@ -1,4 +1,5 @@
-"""The reviewer's page in a real headless Chromium: log in, claim, reveal, decide; the verdict arrives on Kafka.
+"""The reviewer's page in a real headless Chromium: log in, claim, reveal, decide; the verdict arrives on Kafka;
+revoking the token ends the page's session; guessing on the login page meets the rate limit.
 
 A review task goes the real way: published to ``moderation.review``, queued by a ``review-intake`` worker process,
 served by a ``modpipe review serve`` process. The browser is Debian's Chromium (``make install`` installs it),
@@ -35,6 +36,7 @@ CHROMIUM = os.environ.get("MODPIPE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TEXT = "Those people are worthless by nature and I hate them."
+ADMIN = "admin-bootstrap-token-for-the-page-test"
 
 
 def _require_chromium() -> None:
@@ -47,7 +49,8 @@ def test_reviewer_logs_in_claims_and_removes_an_item(kafka_stack, unique_prefix,
     from playwright.sync_api import expect, sync_playwright
 
     env = {**kafka_stack.env(), "MODPIPE_STATE_DIR": str(tmp_path), "MODPIPE_KAFKA__TOPIC_PREFIX": unique_prefix,
-           "MODPIPE_REDIS__KEY_PREFIX": unique_prefix, "MODPIPE_KAFKA__PARTITIONS": "1"}
+           "MODPIPE_REDIS__KEY_PREFIX": unique_prefix, "MODPIPE_KAFKA__PARTITIONS": "1",
+           "MODPIPE_REVIEW__ADMIN_TOKEN": ADMIN}
     settings = Settings(
         state_dir=tmp_path,
         kafka=KafkaSettings(bootstrap_servers=kafka_stack.kafka_bootstrap, topic_prefix=unique_prefix, partitions=1,
@@ -121,6 +124,18 @@ def test_reviewer_logs_in_claims_and_removes_an_item(kafka_stack, unique_prefix,
             expect(page.get_by_test_id("flash")).to_contain_text("Decided page-1: block")
             expect(page.get_by_test_id("queue-view")).to_be_visible()
             expect(page.get_by_test_id("queue-summary")).to_have_text("0 pending, 0 claimed")
+
+            # Revoking the token ends the page's session: the next load goes back to the login page.
+            revoked = httpx.delete(f"{base}/v1/tokens/eve", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
+            assert revoked.json() == {"principal_id": "eve", "revoked": 1}
+            page.goto(base + "/")
+            expect(page).to_have_url(base + "/login")
+            # Guessing from the page meets the per-client login limit, and the page says so.
+            for _ in range(11):
+                page.fill("#token", "mpr_wrong")
+                page.click("#login-button")
+                expect(page.locator("#login-error")).to_be_visible()
+            expect(page.locator("#login-error")).to_contain_text("Too many attempts")
             browser.close()
 
         kafka = settings.kafka
@@ -132,7 +147,8 @@ def test_reviewer_logs_in_claims_and_removes_an_item(kafka_stack, unique_prefix,
         final = finals[0]
         assert final.stage is Stage.REVIEW and final.decision is Decision.BLOCK
         assert final.reviewer_id == "eve" and final.rule_ids == ["HT1.b"]
-        shown = httpx.get(f"{base}/v1/content/page-1", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        shown = httpx.get(f"{base}/v1/content/page-1", headers=admin, timeout=5).json()
         assert shown["state"] == "REMOVED" and shown["verdict"]["verdict_id"] == final.verdict_id
         assert TEXT not in log_path.read_text(), "content text must never reach the service log"
     finally:

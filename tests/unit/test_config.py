@@ -37,3 +37,17 @@ def test_settings_are_frozen_and_validated(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MODPIPE_KAFKA__PARTITIONS", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_readme_settings_table_is_the_code_s() -> None:
+    """Every setting, its default and its description appear in the README exactly as the code declares them."""
+    from pipeline.config import PROJECT_ROOT, settings_table
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, "README settings table is stale: paste `modpipe config show --markdown`"
+
+
+def test_every_setting_is_described() -> None:
+    from pipeline.config import settings_rows
+
+    assert [var for var, _, description in settings_rows() if not description.strip()] == []

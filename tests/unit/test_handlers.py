@@ -4,6 +4,7 @@ triage scores and the scripted reasoner (or the real reasoner over a scripted tr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -110,6 +111,18 @@ def test_triage_hides_before_it_escalates() -> None:
     assert asyncio.run(h.store.visibility("c")).state is Visibility.HIDDEN_PENDING
     escalation = Escalation.model_validate_json(h.publisher.on(ESCALATIONS)[0])
     assert escalation.reason is EscalationReason.AMBIGUOUS and escalation.policy_ids == ["violence"]
+
+
+def test_triage_cites_the_version_that_enforces_after_a_swap() -> None:
+    """A promotion swaps the library under a running worker (pipeline.lifecycle.live): later verdicts cite it."""
+    h = Harness()
+    handler = TriageHandler(ScriptedScorer(THRESHOLDS, SCRIPT), LIB, h.effects, max_text_chars=1000)
+    violence = LIB.get("violence")
+    promoted = dataclasses.replace(violence, version="cafe0123cafe0123", content_hash="cafe0123cafe0123")
+    handler.use_library(PolicyLibrary({**{p.policy_id: p for p in LIB}, "violence": promoted}))
+    asyncio.run(handler.handle_batch([h.record(KAFKA.incoming_topic, item("b", "i will hurt you").to_bytes())]))
+    (verdict,) = h.verdicts()
+    assert [(p.policy_id, p.version) for p in verdict.policies] == [("violence", "cafe0123cafe0123")]
 
 
 def test_triage_redelivery_publishes_the_same_verdict_and_decides_nothing_new() -> None:

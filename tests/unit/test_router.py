@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline.router import (
+    CONTENT_CUT,
     FAILED,
     HIGH_RISK_POLICY,
     LOW_CONFIDENCE,
@@ -56,6 +57,47 @@ def test_route_high_risk_category_escalates_even_when_confident() -> None:
 def test_route_picks_top_category_when_all_below_floor() -> None:
     decision = route_triage(scores(0.5, H=0.05, V=0.08), THRESHOLDS, ENFORCING)
     assert decision.policy_ids == ("violence",)
+
+
+BANDED = TriageThresholds(
+    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.3},
+    category_policies={"H": "hate", "V": "violence", "SH": "self_harm"},
+    category_bands={"H": (0.3, 0.8), "V": (1.0, 0.85), "SH": (0.1, 0.5)}, languages=("en",),
+)
+
+
+def test_route_confident_category_band_blocks_under_its_policy() -> None:
+    decision = route_triage(scores(0.6, H=0.85, V=0.2), BANDED, ENFORCING)
+    assert decision.route is TriageRoute.BLOCK
+    assert decision.policy_ids == ("hate",)
+    assert "H" in decision.note
+
+
+def test_route_category_band_never_blocks_a_high_risk_category_or_an_unenforced_policy() -> None:
+    assert route_triage(scores(0.6, SH=0.6), BANDED, ENFORCING).route is TriageRoute.ESCALATE
+    assert route_triage(scores(0.6, H=0.85), BANDED, ["violence"]).route is TriageRoute.ESCALATE
+
+
+def test_route_unsure_category_keeps_a_low_any_score_from_auto_allow() -> None:
+    decision = route_triage(scores(0.1, H=0.4), BANDED, ENFORCING)
+    assert decision.route is TriageRoute.ESCALATE and decision.reason is EscalationReason.AMBIGUOUS
+    assert "allow level" in decision.note
+    assert route_triage(scores(0.1, H=0.2, V=0.5), BANDED, ENFORCING).route is TriageRoute.ALLOW  # V allow at 1.0
+
+
+def test_route_text_in_an_unvalidated_language_escalates_whatever_the_score() -> None:
+    for language in ("de", "zh", "pt-BR"):
+        decision = route_triage(scores(0.01), BANDED, ENFORCING, language=language)
+        assert decision.route is TriageRoute.ESCALATE and language in decision.note
+    assert route_triage(scores(0.01), BANDED, ENFORCING, language="en").route is TriageRoute.ALLOW
+    assert route_triage(scores(0.01), BANDED, ENFORCING, language="EN-gb").route is TriageRoute.ALLOW
+    assert route_triage(scores(0.01), BANDED, ENFORCING, language=None).route is TriageRoute.ALLOW
+    assert route_triage(scores(0.01), THRESHOLDS, ENFORCING, language="de").route is TriageRoute.ALLOW  # no rule
+
+
+def test_thresholds_refuse_a_category_level_outside_zero_to_one() -> None:
+    with pytest.raises(ValueError):
+        TriageThresholds(allow_below=0.2, block_above=0.9, category_bands={"H": (0.2, 1.5)})
 
 
 def test_route_ignores_non_enforcing_policies() -> None:
@@ -128,6 +170,18 @@ def test_unreadable_output_is_asked_again_at_a_higher_effort() -> None:
 def test_escalate_to_humans_policy_sends_violation_to_review() -> None:
     result = route_reasoning([answer(True, escalate_to_humans=True)])
     assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.POLICY_ESCALATE)
+
+
+@pytest.mark.parametrize("failure", [CallFailure.TRUNCATED, CallFailure.UNSUPPORTED_FORMAT])
+def test_truncated_or_unreadable_format_is_not_asked_harder_and_goes_to_review(failure: CallFailure) -> None:
+    # a higher effort writes more (the answer was already cut off at a larger budget); a format stays unreadable
+    result = route_reasoning([answer(None, FAILED, failure=failure, can_raise_effort=True)])
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.REASONER_FAILED)
+
+
+def test_safe_answer_on_cut_content_goes_to_review_without_a_pointless_second_look() -> None:
+    result = route_reasoning([answer(False, CONTENT_CUT, can_raise_effort=True)])
+    assert (result.route, result.review_reason) == (ReasoningRoute.REVIEW, ReviewReason.EDGE_CASE)
 
 
 def test_reasoning_needs_calls() -> None:

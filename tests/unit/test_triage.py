@@ -28,7 +28,9 @@ from pipeline.triage import (
     TriageModel,
     content_version,
 )
+from pipeline.triage.model import LexicalHead
 from triage_models.data import CATEGORIES, UNKNOWN, load_openai_moderation
+from triage_models.heads import predict
 from triage_models.train import choose_band, choose_high_risk_level
 
 pytestmark = pytest.mark.unit
@@ -113,9 +115,12 @@ def test_edited_thresholds_are_detected(tmp_path: Path) -> None:
 
 def test_thresholds_are_valid_and_load_into_router_type(model: TriageModel) -> None:
     raw = json.loads((ARTEFACT / THRESHOLDS_FILE).read_text())
-    assert set(raw) == {"allow_below", "block_above", "high_risk", "category_policies", "policy_floor"}
-    direct = TriageThresholds(**raw)
+    assert set(raw) == {"allow_below", "block_above", "high_risk", "category_policies", "policy_floor",
+                        "category_bands", "languages"}
+    direct = TriageThresholds(**{**raw, "category_bands": {k: tuple(v) for k, v in raw["category_bands"].items()},
+                                 "languages": tuple(raw["languages"])})
     assert direct == model.thresholds
+    assert model.thresholds.languages == ("en",) and set(model.thresholds.category_bands) == set(CATEGORIES)
     t = model.thresholds
     assert 0.0 < t.allow_below < t.block_above < 1.0
     assert set(t.high_risk) == {"SH", "S3"}
@@ -160,10 +165,13 @@ def test_scoring_is_deterministic(model: TriageModel) -> None:
 
 def test_fused_scoring_matches_each_stored_head(model: TriageModel, embedder: Embedder) -> None:
     raw = json.loads((ARTEFACT / HEADS_FILE).read_text())
-    emb = embedder.encode(BENIGN + THREATS)
-    fused = model.score_embeddings(emb)
+    texts = BENIGN + THREATS
+    emb = embedder.encode(texts)
+    fused = model.score_embeddings(emb, texts)
     any_head = LinearHead.from_json(raw["heads"][ANY_HEAD])
-    np.testing.assert_allclose([v for v, _ in fused], any_head.predict_proba(emb), rtol=1e-9)
+    lexical = LexicalHead.from_json(raw["lexical"])  # the `any` head stacks the lexical view on the embedding
+    expected = predict(any_head, emb, lexical, lexical.features.counts(texts))
+    np.testing.assert_allclose([v for v, _ in fused], expected, rtol=1e-9)
     for category in CATEGORIES:
         head = LinearHead.from_json(raw["heads"][category])
         np.testing.assert_allclose([c[category] for _, c in fused], head.predict_proba(emb), rtol=1e-9)
