@@ -35,8 +35,16 @@ _BINARY = re.compile(
     r"\b(?:answer|output|return|respond|reply|label|classify)\w*\b[^\n]{0,60}?"
     r"(?:\b0\b[^\n]{0,12}?\b1\b|\b1\b[^\n]{0,12}?\b0\b)"
     r"|\(0\s*(?:or|/|\|)\s*1\)|\b0\s*/\s*1\b|\b(?:0 or 1|1 or 0)\b|\bsingle digit\b"
-    r"|\b1 if\b[^\n]{0,120}\b0 if\b|\b0 if\b[^\n]{0,120}\b1 if\b",
+    r"|\b1 if\b[^\n]{0,120}\b0 if\b|\b0 if\b[^\n]{0,120}\b1 if\b"
+    # "Return 1 if it violates, 0 otherwise" / "... 0 if not": one condition, the other digit for the rest.
+    r"|\b[01] (?:if|when)\b[^\n]{0,120}?\b[01]\b[ \t]*(?:otherwise|if not|else|for everything else)\b",
     re.IGNORECASE,
+)
+# The guide's cookbook headings for a binary policy, "VIOLATES (1)" and "SAFE (0)" (or "DOES NOT VIOLATE (0)"):
+# with no JSON keys and no outcome words in the text, they say the answer is the digit.
+_BINARY_HEADINGS = (
+    re.compile(r"\bVIOLAT\w*[ \t]*\(1\)", re.IGNORECASE),
+    re.compile(r"\b(?:SAFE|NOT[ \t]+VIOLAT\w*|NON[- ]?VIOLAT\w*|ALLOWED|ACCEPTABLE)[ \t]*\(0\)", re.IGNORECASE),
 )
 _BINARY_EXAMPLE = re.compile(
     r"^[ \t]*(?:\*\*)?(?:Answer|Output|Label)(?:\*\*)?:[ \t]*[01][ \t]*$", re.MULTILINE | re.IGNORECASE
@@ -118,6 +126,9 @@ def detect_format(text: str) -> AnswerFormat:
                                 notes=(f"outcome words {violation} / {safe}",))
     if _BINARY.search(text) or len(_BINARY_EXAMPLE.findall(text)) >= 2:
         return AnswerFormat("binary", (), source="detected", notes=("an answer of 0 or 1",))
+    if all(heading.search(text) for heading in _BINARY_HEADINGS):
+        return AnswerFormat("binary", (), source="detected",
+                            notes=("sections headed VIOLATES (1) / SAFE (0) and no other answer format",))
     return AnswerFormat(source="default", notes=("no answer format stated; the project's JSON format assumed",))
 
 

@@ -197,7 +197,7 @@ def import_policy(src: Path, policy_id: str, dest_root: Path, *, golden: list[Go
     text_path = policy_source(Path(src))
     raw = text_path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # what load_policy will read: a byte-order mark is not policy text
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{text_path} is not UTF-8 text ({exc})") from exc
     if not text.strip():

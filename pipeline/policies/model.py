@@ -529,7 +529,8 @@ def load_policy(folder: Path, *, default_first: str = "low", default_escalated: 
     if text is None:
         text_path = policy_file(folder)
         try:
-            text = text_path.read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark some editors write is not policy text (the model never sees it)
+            text = text_path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise PolicyError(f"policy folder {folder}: {text_path.name} is not UTF-8 text ({exc})") from exc
         file_name = text_path.name

@@ -65,7 +65,7 @@ def version_files(folder: Path) -> list[VersionFile]:
     seen: set[str] = set()
     for path, base in [(policy_file(folder), True), *((p, False) for p in candidate_files(folder))]:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # as load_policy reads it: a byte-order mark is not text
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{path} is not UTF-8 text ({exc})") from exc
         version = content_hash(text)
@@ -111,7 +111,7 @@ def add_candidate(folder: Path, source: Path, name: str | None = None, *, force:
     folder, source = Path(folder), Path(source)
     if not source.is_file():
         raise PolicyError(f"{source} is not a file")
-    text = source.read_text(encoding="utf-8")
+    text = source.read_text(encoding="utf-8-sig")
     suffix = ".md" if source.suffix == ".md" else ".txt"
     stem = name or source.stem
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", stem) or stem == "base" or stem in POLICY_FILES:

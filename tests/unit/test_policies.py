@@ -400,6 +400,21 @@ def test_import_reads_named_columns_and_given_label_words(tmp_path: Path) -> Non
     assert not (out / "dc2").exists() and not any(p.name.startswith(".") for p in out.iterdir())
 
 
+def test_import_of_a_text_saved_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    """Windows editors write a BOM and CRLF: the BOM is not part of the name, the text the model reads or the
+    version; the 0/1 answer the text asks for is detected from the guide's headings and its instruction."""
+    from pipeline.policies.importer import import_policy
+
+    body = ("Spam Policy\r\n\r\nINSTRUCTIONS\r\nReturn 1 if the content is spam, 0 otherwise.\r\n\r\n"
+            "VIOLATES (1)\r\n- SP1.a Unsolicited ads with links\r\n\r\nSAFE (0)\r\n- SP0.a Conversation\r\n")
+    src = tmp_path / "spam.txt"
+    src.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    policy = import_policy(src, "spam", tmp_path / "policies").policy
+    assert policy.name == "Spam Policy" and not policy.text.startswith("\ufeff")
+    # read as text: line ends are the platform's newline, as every policy file is read
+    assert policy.version == content_hash(body.replace("\r\n", "\n")) and policy.answer_format.kind == "binary"
+
+
 def test_lint_cli_warns_without_failing_unless_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -98,6 +98,11 @@ def test_format_detection_from_the_text() -> None:
     assert detect_format("Answer with a single digit: 1 if it breaks the rules, 0 if not.").kind == "binary"
     assert detect_format('Reply {"violation": 1, "policy_category": "X1.a"}').keys == ("violation", "policy_category")
     assert detect_format("Be nice.").source == "default"
+    assert detect_format("Return 1 if the post is spam, 0 otherwise.").kind == "binary"
+    assert detect_format("Output 0 when it is fine and 1 if not.").kind == "binary"
+    assert detect_format("Section 1 covers ads; section 0 is the preface.").source == "default"
+    assert detect_format("## VIOLATES (1)\n- X1.a ads\n## SAFE (0)\n- X0.a chat\n").kind == "binary"
+    assert detect_format('## VIOLATES (1)\n## SAFE (0)\nReply {"violation": 1}').kind == "json"  # JSON wins
     assert format_from_metadata({"format": "label", "violation": "UNSAFE", "safe": "SAFE"}, "").label_words() == (
         "UNSAFE", "SAFE")
     assert not format_from_metadata({"format": "xml"}, "").supported
