@@ -33,7 +33,7 @@ CONFIDENCE_WORDS = {"very low": 0.1, "low": 0.25, "medium": 0.55, "moderate": 0.
 _JSON_KEY = re.compile(r'"(?P<key>[a-z_]+)"\s*:')
 _BINARY = re.compile(
     r"\b(?:answer|output|return|respond|reply|label|classify)\w*\b[^\n]{0,60}?"
-    r"(?:\b0\b[^\n]{0,12}?\b1\b|\b1\b[^\n]{0,12}?\b0\b)"
+    r"(?:\b0\b[^\n]{0,30}?\b1\b|\b1\b[^\n]{0,30}?\b0\b)"
     r"|\(0\s*(?:or|/|\|)\s*1\)|\b0\s*/\s*1\b|\b(?:0 or 1|1 or 0)\b|\bsingle digit\b"
     r"|\b1 if\b[^\n]{0,120}\b0 if\b|\b0 if\b[^\n]{0,120}\b1 if\b"
     # "Return 1 if it violates, 0 otherwise" / "... 0 if not": one condition, the other digit for the rest.

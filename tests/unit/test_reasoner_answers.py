@@ -100,6 +100,8 @@ def test_format_detection_from_the_text() -> None:
     assert detect_format("Be nice.").source == "default"
     assert detect_format("Return 1 if the post is spam, 0 otherwise.").kind == "binary"
     assert detect_format("Output 0 when it is fine and 1 if not.").kind == "binary"
+    assert detect_format("Output: 1 (violating) or 0 (non-violating).").kind == "binary"
+    assert detect_format("Return exactly one character: 0 or 1. No explanation.").kind == "binary"
     assert detect_format("Section 1 covers ads; section 0 is the preface.").source == "default"
     assert detect_format("## VIOLATES (1)\n- X1.a ads\n## SAFE (0)\n- X0.a chat\n").kind == "binary"
     assert detect_format('## VIOLATES (1)\n## SAFE (0)\nReply {"violation": 1}').kind == "json"  # JSON wins
