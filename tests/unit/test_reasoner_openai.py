@@ -190,3 +190,24 @@ def test_ollama_native_request_sets_stream_think_and_the_context() -> None:
 def test_ollama_endpoint_url() -> None:
     e = parse_endpoint("ollama://127.0.0.1:11434/gpt-oss-safeguard:20b")
     assert (e.kind, e.address, e.model) == ("ollama", "http://127.0.0.1:11434", "gpt-oss-safeguard:20b")
+
+
+def test_a_server_that_refuses_logprobs_is_called_without_them() -> None:
+    """Some OpenAI-compatible servers answer 400 to `logprobs`: the answer still counts, once without them."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "logprobs" in json.loads(request.content):
+            return httpx.Response(400, json={"error": {"message": "`logprobs` is not supported with this model"}})
+        return reply(GOOD)
+
+    reasoner, seen = reasoner_with(handler)
+    for n in range(2):
+        outcome = asyncio.run(reasoner.judge(ContentItem(content_id=f"lp{n}", text="kill the process"), ["violence"]))
+        assert outcome.route is ReasoningRoute.ALLOW and outcome.calls[0].verdict_probability is None
+    assert ["logprobs" in s["body"] for s in seen] == [True, False, False]  # asked once, then never again
+
+
+def test_a_bad_request_for_another_reason_still_fails() -> None:
+    reasoner, seen = reasoner_with(lambda r: httpx.Response(400, json={"error": {"message": "unknown model"}}))
+    outcome = asyncio.run(reasoner.judge(ContentItem(content_id="lp9", text="hello"), ["violence"]))
+    assert outcome.route is not ReasoningRoute.ALLOW and all("logprobs" in s["body"] for s in seen)

@@ -20,6 +20,7 @@ Content is still neutralised: a server's chat template may render text with spec
 from __future__ import annotations
 
 import logging
+import re
 
 import httpx
 
@@ -118,4 +119,21 @@ class OpenAIChatBackend(JsonHttpBackend):
         self, policy: Policy, content: str, effort: Effort, request_id: str, *, max_tokens: int
     ) -> Completion:
         body = chat_request(self.model, policy, content, effort, max_tokens=max_tokens, logprobs=self._logprobs)
-        return read_chat_reply(await self.post("/chat/completions", body, request_id))
+        try:
+            reply = await self.post("/chat/completions", body, request_id)
+        except ModelOutputError as exc:
+            if not (self._logprobs and refuses_logprobs(str(exc))):
+                raise
+            # Some OpenAI-compatible servers (and some models behind them) refuse logprobs with a 400. They are an
+            # extra (the verdict's probability), not the answer: call this server without them from now on.
+            logger.warning("%s refuses logprobs (%s); calling it without them (verdict_probability stays empty)",
+                           self._base_url, str(exc)[:200])
+            self._logprobs = 0
+            body = chat_request(self.model, policy, content, effort, max_tokens=max_tokens, logprobs=0)
+            reply = await self.post("/chat/completions", body, request_id)
+        return read_chat_reply(reply)
+
+
+def refuses_logprobs(error: str) -> bool:
+    """A client error (400/422) whose reason names logprobs: the server does not do them, the request is fine."""
+    return bool(re.search(r"HTTP 4(?:00|22)\b", error)) and "logprob" in error.lower()
