@@ -6,20 +6,29 @@ dataclass does not declare is a ``TypeError`` and the model never loads. gpt-oss
 ``disable_log_requests`` is no longer a field: it became a deprecated property when ``enable_log_requests``
 replaced it (vllm-project/vllm#21739; the failure is vllm-project/vllm#23283, and vllm_backend#96 dropped it
 from its own configs). Request logging is off by default there, which is what keeps content out of the logs.
+
+Which vLLM each Triton release's ``vllm-python-py3`` image ships is ``DEFAULT_TRITON_VERSION_MAP["vllm_version"]``
+in triton-inference-server/server ``build.py`` on its release branch: r25.08 0.9.2 (cannot load gpt-oss), r25.10
+0.10.2, r26.03 0.16.0, r26.04 0.19.0.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from pipeline.config import ReasonerSettings
 
 pytestmark = pytest.mark.deploy
 
-GPU_REPO = Path(__file__).resolve().parents[2] / "triton_repo" / "gpu"
+ROOT = Path(__file__).resolve().parents[2]
+GPU_REPO = ROOT / "triton_repo" / "gpu"
+FIRST_GPT_OSS_RELEASE = (25, 10)  # the first Triton release whose vLLM (0.10.2) serves gpt-oss
 REASONERS = sorted(GPU_REPO.glob("gpt-oss-safeguard-*/1/model.json"))
 
 # Keys that are not AsyncEngineArgs fields on vLLM >= 0.10.1 (each a TypeError at load), and what replaced them.
@@ -45,3 +54,16 @@ def test_engine_context_is_the_one_the_reasoner_budgets_for(path: Path) -> None:
     assert args["max_model_len"] == ReasonerSettings().max_model_len
     assert args["enable_prefix_caching"] is True  # every call for a policy shares its system + developer prefix
     assert args["model"].startswith("openai/gpt-oss-safeguard-")
+
+
+def _release(image: str) -> tuple[int, int]:
+    found = re.search(r":(\d{2})\.(\d{2})-vllm-python-py3$", image)
+    assert found, f"{image}: not a tritonserver:<yy.mm>-vllm-python-py3 tag"
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_compose_and_helm_run_a_triton_whose_vllm_serves_gpt_oss(services: dict[str, dict[str, Any]]) -> None:
+    compose_image = re.sub(r"^\$\{TRITON_IMAGE:-(.*)\}$", r"\1", services["triton"]["image"])
+    helm_image = yaml.safe_load((ROOT / "helm" / "modpipe" / "values.yaml").read_text())["triton"]["image"]["tag"]
+    for image in (compose_image, f"tritonserver:{helm_image}"):
+        assert _release(image) >= FIRST_GPT_OSS_RELEASE, f"{image}: its vLLM cannot load gpt-oss-safeguard"
