@@ -6,14 +6,11 @@ Kept in the package next to the real thing so the tests and ``modpipe bench revi
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-import httpx
 from aiokafka import AIOKafkaConsumer
 
 from pipeline.config import KafkaSettings
@@ -90,19 +87,3 @@ async def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, int
             return True
         await asyncio.sleep(interval_s)
     return False
-
-
-async def wait_review_service(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60.0) -> None:
-    """Wait until the review service started as ``proc`` answers ``/healthz``; fail with its log's path if it exits."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the review service exited with {proc.returncode} (log: {log_path})")
-            try:
-                if (await client.get(f"{url}/healthz", timeout=1.0)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"the review service did not answer on {url} within {timeout_s:.0f}s")

@@ -38,7 +38,8 @@ from pipeline import stack as local_stack
 from pipeline.broker import ensure_topics
 from pipeline.config import PROJECT_ROOT, HttpSettings, KafkaSettings, RedisSettings, Settings
 from pipeline.harness.bench.docs import BENCHMARKS_MD, markers, replace_section
-from pipeline.harness.review import sample_task, wait_review_service
+from pipeline.harness import services
+from pipeline.harness.review import sample_task
 from pipeline.host import machine_summary
 from pipeline.policies import PolicyLibrary
 from pipeline.reasoner.harmony import parse_messages, render_prompt
@@ -523,17 +524,12 @@ async def serve_target(kafka_bootstrap: str, redis_url: str, state_dir: Path,
     store = RedisStore(settings.redis)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_review_service(url, server, log_path)
+        await services.wait_healthy(url, server, log_path, "the review service")
         target = Target(url, "127.0.0.1", port, server.pid, log_path, settings, store)
         target.tokens["admin"] = admin
         yield target
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        services.stop(server)
         await store.close()
 
 

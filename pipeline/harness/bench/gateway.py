@@ -29,6 +29,7 @@ import httpx
 from rich.console import Console
 
 from pipeline.broker import ensure_topics
+from pipeline.harness import services
 from pipeline.harness.bench.docs import markers, replace_section
 from pipeline.harness.demo import pipeline_running
 from pipeline.harness.traffic import sample_items
@@ -61,27 +62,12 @@ class _GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "gateway", "serve"], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        async with httpx.AsyncClient() as http:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the gateway exited with {self.proc.returncode} (log: {self.log})")
-                try:
-                    if (await http.get(url + "/healthz", timeout=2)).status_code == 200:
-                        return url
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the gateway did not come up in 120 s (log: {self.log})")
-                await asyncio.sleep(0.2)
+        await services.wait_healthy(url, self.proc, self.log, "the gateway", timeout_s=120, request_timeout_s=2,
+                                    interval_s=0.2)
+        return url
 
     async def __aexit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        services.stop(self.proc, grace_s=20)
         self._log.close()
 
 

@@ -33,7 +33,8 @@ from pipeline.broker import ensure_topics
 from pipeline.policies import PolicyLibrary
 from pipeline.review.auth import Role, TokenStore
 from pipeline.review.queue import ReviewQueue, severities_from
-from pipeline.harness.review import read_topic, sample_task, wait_review_service
+from pipeline.harness import services
+from pipeline.harness.review import read_topic, sample_task
 from pipeline.schemas import ReviewDecision, Stage, Verdict, VerdictStatus
 from pipeline.store import RedisStore
 
@@ -80,7 +81,7 @@ async def run_review_bench(reviewers: int, items: int, json_out: Path | None, ma
             [sys.executable, "-m", "pipeline.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
         )
-        await wait_review_service(url, server, log_path)
+        await services.wait_healthy(url, server, log_path, "the review service")
         console.print(f"[bold]{reviewers} reviewers[/] claiming and deciding over HTTP ({url})")
 
         claims: dict[str, list[int]] = defaultdict(list)
@@ -163,12 +164,7 @@ async def run_review_bench(reviewers: int, items: int, json_out: Path | None, ma
         }
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            services.stop(server)
         await store.close()
         local_stack.stack_down(state_dir)
     write_json(json_out, report)
