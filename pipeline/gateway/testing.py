@@ -24,17 +24,11 @@ from pipeline.effects import Effects
 from pipeline.gateway.backpressure import triage_group
 from pipeline.handlers import TriageHandler
 from pipeline.policies import PolicyLibrary
-from pipeline.router import TriageThresholds
 from pipeline.store.redis import RedisStore
-from pipeline.triage.fakes import ScriptedScorer
+from pipeline.triage.fakes import SCRIPTED_THRESHOLDS, ScriptedScorer
 
 logger = logging.getLogger(__name__)
 
-THRESHOLDS = TriageThresholds(
-    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.5},
-    category_policies={"H": "hate", "HR": "harassment", "V": "violence", "S": "sexual", "S3": "sexual_minors",
-                       "SH": "self_harm"},
-)
 QUIET = {"H": 0.01, "HR": 0.01, "S": 0.0, "S3": 0.0, "SH": 0.0, "V": 0.01}
 
 
@@ -54,7 +48,7 @@ class TriagePump:
     def __init__(self, settings: Settings, script: dict[str, tuple[float, dict[str, float]]],
                  library: PolicyLibrary | None = None) -> None:
         self.settings = settings
-        self.scorer = ScriptedScorer(THRESHOLDS, dict(script))
+        self.scorer = ScriptedScorer(SCRIPTED_THRESHOLDS, dict(script))
         self.library = library or PolicyLibrary.from_settings(settings.reasoner)
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None

@@ -15,6 +15,15 @@ from pipeline.router import TriageThresholds
 from pipeline.schemas import TriageScores
 
 
+# Bands for scripted scores: every default policy has a category, so triage may clear an item by itself; SH is
+# high risk from 0.5.
+SCRIPTED_THRESHOLDS = TriageThresholds(
+    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.5},
+    category_policies={"H": "hate", "HR": "harassment", "V": "violence", "S": "sexual", "S3": "sexual_minors",
+                       "SH": "self_harm"},
+)
+
+
 class UnscriptedScore(AssertionError):
     """The scorer was asked about a text its script does not have."""
 

@@ -22,21 +22,15 @@ from pipeline.handlers import TriageHandler
 from pipeline.harness.poison import POISON_KINDS, poison_messages
 from pipeline.policies import PolicyLibrary
 from pipeline.retry import Backoff, Outages, WorkerStalled
-from pipeline.router import TriageThresholds
 from pipeline.schemas import ContentItem, DeadLetter, Verdict, parse_wire
 from pipeline.store import InMemoryStore
 from pipeline.store.attempts import InMemoryAttempts
-from pipeline.triage.fakes import ScriptedScorer
+from pipeline.triage.fakes import SCRIPTED_THRESHOLDS, ScriptedScorer
 
 pytestmark = pytest.mark.unit
 
 KAFKA = KafkaSettings()
 LIB = PolicyLibrary.load(PROJECT_ROOT / "policies")
-THRESHOLDS = TriageThresholds(
-    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.5},
-    category_policies={"H": "hate", "HR": "harassment", "V": "violence", "S": "sexual", "S3": "sexual_minors",
-                       "SH": "self_harm"},
-)
 QUIET = {"H": 0.01, "HR": 0.01, "S": 0.0, "S3": 0.0, "SH": 0.0, "V": 0.01}
 
 
@@ -76,7 +70,7 @@ def fast_outages(stall_exit_s: float = 30.0, ready: list[bool] | None = None) ->
 def handler(store: InMemoryStore, publisher: RecordingPublisher, outages: Outages, script: dict | None = None,
             limits: LimitsSettings | None = None) -> TriageHandler:
     effects = Effects(KAFKA, store, publisher, outages=outages, limits=limits)
-    scorer = ScriptedScorer(THRESHOLDS, script or {"good morning": (0.01, QUIET)})
+    scorer = ScriptedScorer(SCRIPTED_THRESHOLDS, script or {"good morning": (0.01, QUIET)})
     return TriageHandler(scorer, LIB, effects, max_text_chars=20_000)
 
 

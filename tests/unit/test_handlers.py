@@ -17,7 +17,6 @@ from pipeline.policies import PolicyLibrary
 from pipeline.reasoner.core import SafeguardReasoner
 from pipeline.reasoner.fakes import ScriptedTransport, answer
 from pipeline.review.queue import InMemoryReviewInbox
-from pipeline.router import TriageThresholds
 from pipeline.schemas import (
     ContentItem,
     DeadLetter,
@@ -32,7 +31,7 @@ from pipeline.schemas import (
     VerdictStatus,
 )
 from pipeline.store import EffectKind, InMemoryStore, Visibility, item_effect
-from pipeline.triage.fakes import ScriptedScorer
+from pipeline.triage.fakes import SCRIPTED_THRESHOLDS, ScriptedScorer
 
 pytestmark = pytest.mark.unit
 
@@ -40,12 +39,6 @@ LIB = PolicyLibrary.load(PROJECT_ROOT / "policies")
 KAFKA = KafkaSettings()
 VERDICTS, ESCALATIONS, REVIEW, DEADLETTER = (
     KAFKA.verdicts_topic, KAFKA.escalations_topic, KAFKA.review_topic, KAFKA.deadletter_topic
-)
-# Every default policy has a category, so triage may clear an item by itself.
-THRESHOLDS = TriageThresholds(
-    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.5},
-    category_policies={"H": "hate", "HR": "harassment", "V": "violence", "S": "sexual", "S3": "sexual_minors",
-                       "SH": "self_harm"},
 )
 QUIET = {"H": 0.01, "HR": 0.01, "S": 0.0, "S3": 0.0, "SH": 0.0}
 SCRIPT = {
@@ -77,7 +70,8 @@ class Harness:
 
 
 def triage(harness: Harness, *items: ContentItem | bytes, scorer: ScriptedScorer | None = None) -> list[Record]:
-    handler = TriageHandler(scorer or ScriptedScorer(THRESHOLDS, SCRIPT), LIB, harness.effects, max_text_chars=1000)
+    scorer = scorer or ScriptedScorer(SCRIPTED_THRESHOLDS, SCRIPT)
+    handler = TriageHandler(scorer, LIB, harness.effects, max_text_chars=1000)
     records = [harness.record(KAFKA.incoming_topic, i if isinstance(i, bytes) else i.to_bytes()) for i in items]
     asyncio.run(handler.handle_batch(records))
     return records
@@ -116,7 +110,7 @@ def test_triage_hides_before_it_escalates() -> None:
 def test_triage_cites_the_version_that_enforces_after_a_swap() -> None:
     """A promotion swaps the library under a running worker (pipeline.lifecycle.live): later verdicts cite it."""
     h = Harness()
-    handler = TriageHandler(ScriptedScorer(THRESHOLDS, SCRIPT), LIB, h.effects, max_text_chars=1000)
+    handler = TriageHandler(ScriptedScorer(SCRIPTED_THRESHOLDS, SCRIPT), LIB, h.effects, max_text_chars=1000)
     violence = LIB.get("violence")
     promoted = dataclasses.replace(violence, version="cafe0123cafe0123", content_hash="cafe0123cafe0123")
     handler.use_library(PolicyLibrary({**{p.policy_id: p for p in LIB}, "violence": promoted}))
@@ -129,7 +123,7 @@ def test_triage_redelivery_publishes_the_same_verdict_and_decides_nothing_new() 
     h = Harness()
     first, again = item("a", "good morning everyone"), item("a", "good morning everyone")
     triage(h, first)
-    triage(h, again, scorer=ScriptedScorer(THRESHOLDS, {"good morning everyone": (0.99, {"V": 0.99})}))
+    triage(h, again, scorer=ScriptedScorer(SCRIPTED_THRESHOLDS, {"good morning everyone": (0.99, {"V": 0.99})}))
     verdicts = h.verdicts()
     assert len(verdicts) == 1 and verdicts[0].decision is Decision.ALLOW  # the redelivery published nothing new
 
@@ -156,7 +150,8 @@ def test_triage_bad_input_is_dead_lettered_and_spares_its_batch_mates() -> None:
 
 def test_triage_scoring_failure_dead_letters_the_batch_with_its_reason() -> None:
     h = Harness()
-    triage(h, item("a", "good morning everyone"), scorer=ScriptedScorer(THRESHOLDS, SCRIPT, fail_with=RuntimeError("boom")))
+    broken = ScriptedScorer(SCRIPTED_THRESHOLDS, SCRIPT, fail_with=RuntimeError("boom"))
+    triage(h, item("a", "good morning everyone"), scorer=broken)
     (letter,) = h.dead_letters()
     assert (letter.error_type, letter.error, letter.content_id) == ("RuntimeError", "boom", "a")
 

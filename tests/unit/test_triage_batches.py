@@ -15,20 +15,14 @@ from pipeline.errors import BrokerUnavailable
 from pipeline.handlers import TriageHandler
 from pipeline.policies import PolicyLibrary
 from pipeline.retry import Outages
-from pipeline.router import TriageThresholds
 from pipeline.schemas import ContentItem, DeadLetter, Decision, Escalation, Verdict, VerdictStatus, parse_wire
 from pipeline.store import EffectKind, InMemoryStore, Visibility, item_effect
-from pipeline.triage.fakes import ScriptedScorer
+from pipeline.triage.fakes import SCRIPTED_THRESHOLDS, ScriptedScorer
 
 pytestmark = pytest.mark.unit
 
 KAFKA = KafkaSettings()
 LIB = PolicyLibrary.load(PROJECT_ROOT / "policies")
-THRESHOLDS = TriageThresholds(
-    allow_below=0.2, block_above=0.9, high_risk={"SH": 0.5},
-    category_policies={"H": "hate", "HR": "harassment", "V": "violence", "S": "sexual", "S3": "sexual_minors",
-                       "SH": "self_harm"},
-)
 QUIET = {"H": 0.01, "HR": 0.01, "S": 0.0, "S3": 0.0, "SH": 0.0}
 SCRIPT = {
     "good morning everyone": (0.01, {**QUIET, "V": 0.01}),
@@ -81,7 +75,7 @@ class Run:
         self.store = CountingStore()
         self.publisher = publisher or CountingPublisher()
         outages = Outages(backoff_max_s=0.01, stall_exit_s=30.0)
-        self.handler = TriageHandler(ScriptedScorer(THRESHOLDS, SCRIPT), LIB,
+        self.handler = TriageHandler(ScriptedScorer(SCRIPTED_THRESHOLDS, SCRIPT), LIB,
                                      Effects(KAFKA, self.store, self.publisher, outages=outages), max_text_chars=1000)
         self.offset = 0
 
