@@ -48,3 +48,12 @@ def kafka_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]
 def unique_prefix() -> str:
     """A short unique string ending in '.', for per-test topic, consumer-group and Redis key prefixes."""
     return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+def isolated_env(local_stack: StackInfo, unique_prefix: str, monkeypatch: pytest.MonkeyPatch) -> StackInfo:
+    """Point this process (and the workers it starts) at the test stack, with private topics and keys."""
+    monkeypatch.setenv("MODPIPE_STATE_DIR", str(local_stack.state_dir))
+    monkeypatch.setenv("MODPIPE_KAFKA__TOPIC_PREFIX", unique_prefix)
+    monkeypatch.setenv("MODPIPE_REDIS__KEY_PREFIX", unique_prefix)
+    return local_stack

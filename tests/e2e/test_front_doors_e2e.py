@@ -28,14 +28,6 @@ pytestmark = pytest.mark.e2e
 KEY = "e2e-webhook-signing-key"
 
 
-@pytest.fixture
-def isolated_env(local_stack, unique_prefix, monkeypatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("MODPIPE_STATE_DIR", str(local_stack.state_dir))
-    monkeypatch.setenv("MODPIPE_KAFKA__TOPIC_PREFIX", unique_prefix)
-    monkeypatch.setenv("MODPIPE_REDIS__KEY_PREFIX", unique_prefix)
-    return local_stack
-
-
 def test_items_posted_to_the_gateway_are_decided_and_every_final_verdict_is_delivered_by_webhook(
     isolated_env,  # type: ignore[no-untyped-def]
 ) -> None:

@@ -23,15 +23,6 @@ from pipeline.harness.traffic import malformed_messages, sample_items
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def isolated_env(local_stack, unique_prefix, monkeypatch):  # type: ignore[no-untyped-def]
-    """Point this process (and the workers it starts) at the test stack, with private topics and keys."""
-    monkeypatch.setenv("MODPIPE_STATE_DIR", str(local_stack.state_dir))
-    monkeypatch.setenv("MODPIPE_KAFKA__TOPIC_PREFIX", unique_prefix)
-    monkeypatch.setenv("MODPIPE_REDIS__KEY_PREFIX", unique_prefix)
-    return local_stack
-
-
 def test_every_item_journey_ends_correctly(isolated_env) -> None:  # type: ignore[no-untyped-def]
     items, malformed = 300, 5
 
