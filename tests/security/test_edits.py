@@ -16,8 +16,8 @@ from pipeline.schemas import ContentItem, Decision, Escalation, Stage, Verdict, 
 from pipeline.store import EffectKind, Visibility, item_effect
 from pipeline.texts import text_hash
 from pipeline.handlers import TriageHandler
-from pipeline.triage.fakes import ScriptedScorer
-from tests.unit.test_handlers import ESCALATIONS, KAFKA, LIB, SCRIPT, THRESHOLDS, Harness, item, triage
+from pipeline.triage.fakes import SCRIPTED_THRESHOLDS, ScriptedScorer
+from tests.unit.test_handlers import ESCALATIONS, KAFKA, LIB, SCRIPT, Harness, item, triage
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +51,7 @@ def test_a_replayed_older_message_does_not_bring_the_old_text_back() -> None:
     (first,) = triage(h, item("post-1", "good morning everyone"))
     triage(h, item("post-1", "i will hurt you"))
     # The very same message (topic, partition, offset, bytes) delivered again: revision 1, already published.
-    handler = TriageHandler(ScriptedScorer(THRESHOLDS, SCRIPT), LIB, h.effects, max_text_chars=1000)
+    handler = TriageHandler(ScriptedScorer(SCRIPTED_THRESHOLDS, SCRIPT), LIB, h.effects, max_text_chars=1000)
     asyncio.run(handler.handle_batch([first]))
     assert [v.revision for v in h.verdicts()] == [1, 2]  # nothing new: no third verdict, no new revision
     shown = visibility(h, "post-1")
