@@ -65,23 +65,26 @@ def _run(x: np.ndarray, data: Any, *, counts: Any, extras: Any, seed: int = 0) -
             "route_auto_accuracy": route["auto_accuracy"]}
 
 
-def compare(names: list[str], *, datasets_dir: Path, speed_texts: int = 128, rounds: int = 2,
-            progress: bool = True, extras_for: tuple[str, ...] = ("minilm-int8",)) -> dict[str, Any]:
-    data = load_openai_moderation(datasets_dir)
-    counts = LexicalFeatures().counts(data.texts)
+def time_embedders(names: list[str], texts: list[str], *, speed_texts: int = 128, rounds: int = 2,
+                   loaded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load each candidate (resident-set growth, load time) and time ``encode`` on the same sample of ``texts`` in
+    alternating rounds, best round each, so the shared machine's drift hits every candidate alike. ``loaded``:
+    candidates already loaded (timed again on other texts, not re-loaded)."""
     from triage_models.mix import stable_order
 
-    order = stable_order(data.texts, "speed")  # a fixed sample of mixed lengths
-    sample = [data.texts[i] for i in order[:speed_texts]]
-    results: dict[str, dict[str, Any]] = {}
-    loaded: dict[str, Any] = {}
+    order = stable_order(texts, "speed")  # a fixed sample of mixed lengths
+    sample = [texts[i] for i in order[:speed_texts]]
+    loaded = dict(loaded or {})
+    info: dict[str, dict[str, Any]] = {}
     for name in names:
+        if name in loaded:
+            continue
         before = _rss_mb()
         started = time.perf_counter()
         embedder = make_candidate(name)
         embedder.encode(sample[:4])
-        results[name] = {"name": embedder.name, "dim": embedder.dim, "load_s": round(time.perf_counter() - started, 2),
-                         "rss_growth_mb": round(_rss_mb() - before, 1), "files_mb": _files_mb(embedder)}
+        info[name] = {"name": embedder.name, "dim": embedder.dim, "load_s": round(time.perf_counter() - started, 2),
+                      "rss_growth_mb": round(_rss_mb() - before, 1), "files_mb": _files_mb(embedder)}
         loaded[name] = embedder
     best = {n: 0.0 for n in names}
     for _ in range(rounds):
@@ -90,6 +93,16 @@ def compare(names: list[str], *, datasets_dir: Path, speed_texts: int = 128, rou
             for i in range(0, len(sample), 32):
                 loaded[name].encode(sample[i:i + 32])
             best[name] = max(best[name], len(sample) / (time.perf_counter() - started))
+    return {"loaded": loaded, "info": info, "texts_per_s": best, "texts": len(sample)}
+
+
+def compare(names: list[str], *, datasets_dir: Path, speed_texts: int = 128, rounds: int = 2,
+            progress: bool = True, extras_for: tuple[str, ...] = ("minilm-int8",)) -> dict[str, Any]:
+    data = load_openai_moderation(datasets_dir)
+    counts = LexicalFeatures().counts(data.texts)
+    timing = time_embedders(names, data.texts, speed_texts=speed_texts, rounds=rounds)
+    results: dict[str, dict[str, Any]] = timing["info"]
+    loaded, best = timing["loaded"], timing["texts_per_s"]
     for name in names:
         embedder = loaded[name]
         x, info = embed_with_cache(embedder, data.texts, progress=progress)
@@ -107,7 +120,7 @@ def compare(names: list[str], *, datasets_dir: Path, speed_texts: int = 128, rou
     for name in names:
         results[name]["speedup_vs_baseline"] = round(best[name] / baseline, 2) if baseline else None
     return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "openai_moderation",
-            "rows": len(data), "speed_texts": len(sample), "rounds": rounds, "target_accuracy": TARGET,
+            "rows": len(data), "speed_texts": timing["texts"], "rounds": rounds, "target_accuracy": TARGET,
             "folds": "5-fold stratified, seed 0 (the same folds for every candidate); bands nested",
             "candidates": results}
 

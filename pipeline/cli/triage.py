@@ -1,4 +1,4 @@
-"""``modpipe triage train | eval | compare | harvest | retrain | prior | stream | simulate | build-embedder``."""
+"""``modpipe triage train | eval | compare | ceiling | harvest | retrain | prior | stream | simulate | build-embedder``."""
 
 from __future__ import annotations
 
@@ -175,6 +175,35 @@ def triage_compare(
     try:
         report = compare([e.strip() for e in embedders.split(",") if e.strip()], datasets_dir=settings(ctx).datasets_dir,
                          speed_texts=speed_texts, rounds=rounds, progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+        return
+    write_json(json_out, report)
+    console.print(markdown_table(report))
+
+
+@triage_app.command("ceiling")
+def triage_ceiling(
+    ctx: typer.Context,
+    embedders: str = typer.Option("minilm-int8,use-m3,e5-small-q4",
+                                  help="Candidate embedders the stacks may use (triage_models/candidates.py)."),
+    json_out: Path = typer.Option(Path("out/triage-ceiling.json"), "--json-out"),
+    speed_texts: int = typer.Option(128, help="OpenAI-set texts timed per embedder (alternating rounds)."),
+    rounds: int = typer.Option(2, help="Timing rounds (best round kept)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Stacks of every view (embedders with logistic or RBF heads, the lexical view) on the OpenAI set: ROC-AUC,
+    nested and hindsight escalation at the accuracy target, speed vs the baseline. Answers whether any cheap
+    combination reaches the issue-11 targets, and by how much the best one misses."""
+    from pipeline.reports import write_json
+    from pipeline.harness.traffic import sample_texts
+    from triage_models.ceiling import ceiling, markdown_table
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        report = ceiling([e.strip() for e in embedders.split(",") if e.strip()], datasets_dir=settings(ctx).datasets_dir,
+                         speed_texts=speed_texts, rounds=rounds, progress=progress,
+                         short_texts=sample_texts(speed_texts, seed=7))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         return

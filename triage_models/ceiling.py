@@ -1,0 +1,197 @@
+"""``modpipe triage ceiling``: how far a cheap stage can go on the OpenAI set, by stacking every view we have.
+
+Why it exists: the embedder comparison (:mod:`triage_models.compare`) measures one embedder at a time. Issue 11
+asks for ROC-AUC >= 0.93 and escalation <= 35 % at auto-decided accuracy >= 0.97 on this set; the question this
+module answers is whether *any* combination of the offline encoders, richer heads and the lexical view gets there,
+and, if not, how far away the best one is. It measures, on the same outer folds as ``modpipe triage train``:
+
+* **stacks of views**: each view (a candidate embedder's vectors, or the hashed character n-grams) gets its own
+  head, a logistic regression or an RBF support-vector machine; a logistic stacker fitted on their inner
+  out-of-fold decision values weighs and calibrates them (what the worker's ``any`` head does with two views);
+* the **nested** band: chosen on the training part's inner probabilities (Wilson margin, as in training), scored
+  on the held-out part, pooled over the folds;
+* the **hindsight** band: the band chosen on the pooled out-of-fold probabilities themselves, without the margin.
+  It is optimistic by construction (it is fitted to the rows it scores), so it bounds what any band on that score
+  can reach: if the hindsight escalation is above the target, no choice of band meets it;
+* the **speed** of a stack: its embedders run one after another on the same cores, so its rate is
+  ``1 / sum(1 / rate_i)`` of the embedders' measured rates (the lexical view's ~1 ms a text is left out), as a
+  ratio to sentence-transformers float32 (the baseline), timed in alternating rounds like the comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import SVC
+
+from pipeline.triage.lexical import LexicalFeatures
+from triage_models.heads import CONFIDENCE_Z, CV_FOLDS, HEAD_C, LEXICAL_C, band_stats, choose_band, pool
+
+TARGET_ACCURACY = 0.97
+TARGET_ROC_AUC = 0.93
+TARGET_ESCALATION = 0.35
+LEXICAL = "lexical"
+HEAD_KINDS = ("logistic", "rbf")
+
+# The stacks `modpipe triage ceiling` measures: (label, [(view, head kind), ...]). minilm-int8 + lexical with
+# logistic heads is the worker's recipe (without the extra public rows, which only the worker's embedder has).
+DEFAULT_STACKS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("worker recipe: minilm-int8 + lexical", (("minilm-int8", "logistic"), (LEXICAL, "logistic"))),
+    ("minilm-int8 (rbf) + lexical", (("minilm-int8", "rbf"), (LEXICAL, "logistic"))),
+    ("use-m3 + lexical", (("use-m3", "logistic"), (LEXICAL, "logistic"))),
+    ("use-m3 (rbf) + lexical", (("use-m3", "rbf"), (LEXICAL, "logistic"))),
+    ("minilm-int8 + use-m3 + lexical", (("minilm-int8", "logistic"), ("use-m3", "logistic"),
+                                        (LEXICAL, "logistic"))),
+    ("minilm-int8 (rbf) + use-m3 (rbf) + lexical", (("minilm-int8", "rbf"), ("use-m3", "rbf"),
+                                                    (LEXICAL, "logistic"))),
+    ("all three encoders (rbf) + lexical", (("minilm-int8", "rbf"), ("use-m3", "rbf"), ("e5-small-q4", "rbf"),
+                                            (LEXICAL, "logistic"))),
+    ("all three encoders (logistic and rbf) + lexical",
+     (("minilm-int8", "logistic"), ("use-m3", "logistic"), ("e5-small-q4", "logistic"), ("minilm-int8", "rbf"),
+      ("use-m3", "rbf"), ("e5-small-q4", "rbf"), (LEXICAL, "logistic"))),
+)
+
+
+@dataclass(frozen=True)
+class View:
+    """One input to a stack: dense vectors (an embedder's) or raw lexical counts (idf is fitted per training part)."""
+
+    name: str
+    x: Any
+    head: str = "logistic"
+
+    @property
+    def is_lexical(self) -> bool:
+        return self.name == LEXICAL
+
+
+def _head(kind: str, lexical: bool, seed: int) -> Any:
+    if kind == "logistic":
+        return LogisticRegression(C=LEXICAL_C if lexical else HEAD_C, max_iter=5000)
+    if kind == "rbf":
+        if lexical:
+            raise ValueError("the lexical view takes a logistic head (an RBF kernel over 16,384 sparse buckets "
+                             "is slow and no better)")
+        return SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed)
+    raise ValueError(f"unknown head kind {kind!r}; choose one of {HEAD_KINDS}")
+
+
+def _features(view: View, train_rows: np.ndarray) -> Callable[[np.ndarray], Any]:
+    """rows -> the view's features, with lexical idf learnt from ``train_rows`` only."""
+    if not view.is_lexical:
+        return lambda rows: view.x[rows]
+    weigh = LexicalFeatures(n_features=view.x.shape[1]).fit_idf(view.x[train_rows]).weigh
+    return lambda rows: weigh(view.x[rows])
+
+
+def _decisions(views: list[View], y: np.ndarray, train: np.ndarray, score: np.ndarray,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner out-of-fold decision values on ``train``, decision values on ``score``), one column per view."""
+    inner = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=seed)
+    d_train, d_score = np.zeros((len(train), len(views))), np.zeros((len(score), len(views)))
+    for j, view in enumerate(views):
+        for a, b in inner.split(train, y[train]):
+            features = _features(view, train[a])
+            model = _head(view.head, view.is_lexical, seed).fit(features(train[a]), y[train[a]])
+            d_train[b, j] = model.decision_function(features(train[b]))
+        features = _features(view, train)
+        d_score[:, j] = _head(view.head, view.is_lexical, seed).fit(features(train), y[train]).decision_function(
+            features(score))
+    return d_train, d_score
+
+
+def evaluate_stack(views: list[View], y: np.ndarray, *, seed: int = 0, target_accuracy: float = TARGET_ACCURACY,
+                   confidence_z: float = CONFIDENCE_Z, folds: int = CV_FOLDS) -> dict[str, Any]:
+    """Nested K-fold result of one stack on labels ``y`` (rows of every view aligned with ``y``)."""
+    y = np.asarray(y, dtype=np.int64)
+    outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    oof = np.zeros(len(y))
+    nested: list[dict[str, float]] = []
+    weights: list[list[float]] = []
+    for train, test in outer.split(np.zeros(len(y)), y):
+        d_train, d_test = _decisions(views, y, train, test, seed)
+        stacker = LogisticRegression(C=1e6, max_iter=1000).fit(d_train, y[train])
+        p_train = stacker.predict_proba(d_train)[:, 1]
+        oof[test] = stacker.predict_proba(d_test)[:, 1]
+        low, high = choose_band(p_train, y[train], target_accuracy, confidence_z)
+        nested.append(band_stats(oof[test], y[test], low, high) | {"rows": int(len(test))})
+        weights.append([round(float(w), 3) for w in stacker.coef_[0]])
+    pooled = pool(nested)
+    low, high = choose_band(oof, y, target_accuracy, 0.0)
+    hindsight = band_stats(oof, y, low, high)
+    return {"roc_auc": float(roc_auc_score(y, oof)), "escalation_rate": pooled["escalation_rate"],
+            "auto_accuracy": pooled["auto_accuracy"], "hindsight_escalation_rate": hindsight["escalation_rate"],
+            "hindsight_auto_accuracy": hindsight["auto_accuracy"], "hindsight_block_rate": hindsight["block_rate"],
+            "hindsight_allow_rate": hindsight["allow_rate"], "stacker_weights_per_fold": weights}
+
+
+def stack_rate(embedders: list[str], rates: dict[str, float]) -> float:
+    """Texts per second of embedders run one after another: ``1 / sum(1 / rate)`` (each counted once)."""
+    unique = list(dict.fromkeys(e for e in embedders if e != LEXICAL))
+    return 1.0 / sum(1.0 / rates[e] for e in unique) if unique else float("inf")
+
+
+def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+            = DEFAULT_STACKS, speed_texts: int = 128, rounds: int = 2, progress: bool = True,
+            short_texts: list[str] | None = None) -> dict[str, Any]:
+    """Every stack in ``stacks`` whose embedders are all in ``embedders``, on the OpenAI set's ``any`` labels.
+
+    Speed is timed on the OpenAI set's own texts (long: a median of 91 word pieces, a fifth over 256) and, given
+    ``short_texts`` (the CLI passes the demo's sample traffic), on those too: ratios differ by length, because
+    the baseline pads and the int8 embedder does not."""
+    from triage_models.compare import time_embedders
+    from triage_models.data import load_openai_moderation
+    from triage_models.train import embed_with_cache
+
+    data = load_openai_moderation(datasets_dir)
+    y, rows = data.any_labels("known_zero")
+    wanted = [s for s in stacks if all(v == LEXICAL or v in embedders for v, _ in s[1])]
+    used = list(dict.fromkeys(v for _, spec in wanted for v, _ in spec if v != LEXICAL))
+    timing = time_embedders(list(dict.fromkeys(["minilm-fp32", *used])), data.texts, speed_texts=speed_texts,
+                            rounds=rounds)
+    short = (time_embedders(list(timing["loaded"]), short_texts, speed_texts=speed_texts, rounds=rounds,
+                            loaded=timing["loaded"]) if short_texts else None)
+    matrices: dict[str, Any] = {LEXICAL: LexicalFeatures().counts(data.texts)[rows]}
+    for name in used:
+        x, _ = embed_with_cache(timing["loaded"][name], data.texts, progress=progress)
+        matrices[name] = x.astype(np.float64)[rows]
+    baseline = timing["texts_per_s"]["minilm-fp32"]
+    results = []
+    for label, spec in wanted:
+        started = time.perf_counter()
+        result = evaluate_stack([View(v, matrices[v], head) for v, head in spec], y)
+        rate = stack_rate([v for v, _ in spec], timing["texts_per_s"])
+        row = {"stack": label, "views": [f"{v}:{h}" for v, h in spec], **result, "texts_per_s": round(rate, 1),
+               "speedup_vs_baseline": round(rate / baseline, 2), "fit_seconds": round(time.perf_counter() - started, 1)}
+        if short is not None:
+            short_rate = stack_rate([v for v, _ in spec], short["texts_per_s"])
+            row |= {"short_texts_per_s": round(short_rate, 1),
+                    "short_speedup_vs_baseline": round(short_rate / short["texts_per_s"]["minilm-fp32"], 2)}
+        results.append(row)
+    return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "openai_moderation",
+            "rows": int(len(y)), "positives": int(np.sum(y)), "target": {
+                "roc_auc": TARGET_ROC_AUC, "escalation_rate": TARGET_ESCALATION, "auto_accuracy": TARGET_ACCURACY},
+            "folds": f"{CV_FOLDS}-fold stratified, seed 0; bands nested (Wilson z {CONFIDENCE_Z}); hindsight band "
+                     "chosen on the pooled out-of-fold probabilities (z 0)",
+            "speed": {"texts": timing["texts"], "rounds": rounds, "texts_per_s": timing["texts_per_s"],
+                      "short_texts_per_s": short["texts_per_s"] if short else None, "baseline": "minilm-fp32"},
+            "stacks": results}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = ["| stack | ROC-AUC | nested escalation | nested auto acc. | hindsight escalation (blocked, allowed) | "
+             "texts/s | x baseline | x baseline, short texts |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["stacks"]:
+        lines.append(f"| {r['stack']} | {r['roc_auc']:.3f} | {r['escalation_rate']:.3f} | {r['auto_accuracy']:.3f} | "
+                     f"{r['hindsight_escalation_rate']:.3f} ({r['hindsight_block_rate']:.3f}, "
+                     f"{r['hindsight_allow_rate']:.3f}) | {r['texts_per_s']} | {r['speedup_vs_baseline']} | "
+                     f"{r.get('short_speedup_vs_baseline', '')} |")
+    return "\n".join(lines)
