@@ -13,6 +13,9 @@ and, if not, how far away the best one is. It measures, on the same outer folds 
 * the **hindsight** band: the band chosen on the pooled out-of-fold probabilities themselves, without the margin.
   It is optimistic by construction (it is fitted to the rows it scores), so it bounds what any band on that score
   can reach: if the hindsight escalation is above the target, no choice of band meets it;
+* a **learning curve** for the worker's recipe and the best stack inside the speed budget: the same measurement
+  with each training part cut to a quarter, a half and three quarters, which says what more in-domain rows (the
+  learning loop's) would buy;
 * the **speed** of a stack: its embedders run one after another on the same cores, so its rate is
   ``1 / sum(1 / rate_i)`` of the embedders' measured rates (the lexical view's ~1 ms a text is left out), as a
   ratio to sentence-transformers float32 (the baseline), timed in alternating rounds like the comparison.
@@ -40,6 +43,10 @@ TARGET_ROC_AUC = 0.93
 TARGET_ESCALATION = 0.35
 LEXICAL = "lexical"
 HEAD_KINDS = ("logistic", "rbf")
+LEARNING_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# The stacks whose learning curves `modpipe triage ceiling` draws: the worker's recipe and the best one inside the
+# speed budget.
+CURVE_STACKS = ("worker recipe: minilm-int8 + lexical", "minilm-int8 + use-m3 + lexical")
 
 # The stacks `modpipe triage ceiling` measures: (label, [(view, head kind), ...]). minilm-int8 + lexical with
 # logistic heads is the worker's recipe (without the extra public rows, which only the worker's embedder has).
@@ -109,14 +116,23 @@ def _decisions(views: list[View], y: np.ndarray, train: np.ndarray, score: np.nd
 
 
 def evaluate_stack(views: list[View], y: np.ndarray, *, seed: int = 0, target_accuracy: float = TARGET_ACCURACY,
-                   confidence_z: float = CONFIDENCE_Z, folds: int = CV_FOLDS) -> dict[str, Any]:
-    """Nested K-fold result of one stack on labels ``y`` (rows of every view aligned with ``y``)."""
+                   confidence_z: float = CONFIDENCE_Z, folds: int = CV_FOLDS, train_fraction: float = 1.0,
+                   subsample_seed: int = 0) -> dict[str, Any]:
+    """Nested K-fold result of one stack on labels ``y`` (rows of every view aligned with ``y``).
+
+    ``train_fraction`` < 1: each outer training part is cut to a random share of its rows (``subsample_seed``);
+    the held-out parts stay whole, so every fraction is scored on the same rows (a learning curve)."""
     y = np.asarray(y, dtype=np.int64)
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     oof = np.zeros(len(y))
     nested: list[dict[str, float]] = []
     weights: list[list[float]] = []
+    rng = np.random.default_rng(subsample_seed)
+    train_rows = []
     for train, test in outer.split(np.zeros(len(y)), y):
+        if train_fraction < 1.0:
+            train = np.sort(rng.permutation(train)[: int(train_fraction * len(train))])
+        train_rows.append(len(train))
         d_train, d_test = _decisions(views, y, train, test, seed)
         stacker = LogisticRegression(C=1e6, max_iter=1000).fit(d_train, y[train])
         p_train = stacker.predict_proba(d_train)[:, 1]
@@ -130,7 +146,25 @@ def evaluate_stack(views: list[View], y: np.ndarray, *, seed: int = 0, target_ac
     return {"roc_auc": float(roc_auc_score(y, oof)), "escalation_rate": pooled["escalation_rate"],
             "auto_accuracy": pooled["auto_accuracy"], "hindsight_escalation_rate": hindsight["escalation_rate"],
             "hindsight_auto_accuracy": hindsight["auto_accuracy"], "hindsight_block_rate": hindsight["block_rate"],
-            "hindsight_allow_rate": hindsight["allow_rate"], "stacker_weights_per_fold": weights}
+            "hindsight_allow_rate": hindsight["allow_rate"], "stacker_weights_per_fold": weights,
+            "train_rows_per_fold": train_rows}
+
+
+def learning_curve(views: list[View], y: np.ndarray, *, fractions: tuple[float, ...] = LEARNING_FRACTIONS,
+                   repeats: int = 3) -> list[dict[str, Any]]:
+    """The stack's results as its training rows shrink: what more in-domain rows would buy, read backwards.
+
+    Each fraction below 1 is the mean over ``repeats`` random cuts of the training parts (one cut is noisy: a
+    band moves with a handful of rows); the held-out parts are always whole."""
+    points = []
+    keys = ("roc_auc", "escalation_rate", "auto_accuracy", "hindsight_escalation_rate")
+    for fraction in fractions:
+        runs = [evaluate_stack(views, y, train_fraction=fraction, subsample_seed=r)
+                for r in range(repeats if fraction < 1.0 else 1)]
+        points.append({"fraction": fraction, "train_rows": int(np.mean([np.mean(r["train_rows_per_fold"])
+                                                                          for r in runs])),
+                       "repeats": len(runs), **{k: float(np.mean([r[k] for r in runs])) for k in keys}})
+    return points
 
 
 def stack_rate(embedders: list[str], rates: dict[str, float]) -> float:
@@ -141,7 +175,7 @@ def stack_rate(embedders: list[str], rates: dict[str, float]) -> float:
 
 def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
             = DEFAULT_STACKS, speed_texts: int = 128, rounds: int = 2, progress: bool = True,
-            short_texts: list[str] | None = None) -> dict[str, Any]:
+            short_texts: list[str] | None = None, curves: bool = True) -> dict[str, Any]:
     """Every stack in ``stacks`` whose embedders are all in ``embedders``, on the OpenAI set's ``any`` labels.
 
     Speed is timed on the OpenAI set's own texts (long: a median of 91 word pieces, a fifth over 256) and, given
@@ -176,6 +210,8 @@ def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str
             row |= {"short_texts_per_s": round(short_rate, 1),
                     "short_speedup_vs_baseline": round(short_rate / short["texts_per_s"]["minilm-fp32"], 2)}
         results.append(row)
+    learning = {label: learning_curve([View(v, matrices[v], head) for v, head in spec], y)
+                for label, spec in wanted if curves and label in CURVE_STACKS}
     return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "openai_moderation",
             "rows": int(len(y)), "positives": int(np.sum(y)), "target": {
                 "roc_auc": TARGET_ROC_AUC, "escalation_rate": TARGET_ESCALATION, "auto_accuracy": TARGET_ACCURACY},
@@ -183,7 +219,7 @@ def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str
                      "chosen on the pooled out-of-fold probabilities (z 0)",
             "speed": {"texts": timing["texts"], "rounds": rounds, "texts_per_s": timing["texts_per_s"],
                       "short_texts_per_s": short["texts_per_s"] if short else None, "baseline": "minilm-fp32"},
-            "stacks": results}
+            "stacks": results, "learning_curves": learning}
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -194,4 +230,9 @@ def markdown_table(report: dict[str, Any]) -> str:
                      f"{r['hindsight_escalation_rate']:.3f} ({r['hindsight_block_rate']:.3f}, "
                      f"{r['hindsight_allow_rate']:.3f}) | {r['texts_per_s']} | {r['speedup_vs_baseline']} | "
                      f"{r.get('short_speedup_vs_baseline', '')} |")
+    for label, points in report.get("learning_curves", {}).items():
+        lines += ["", f"Learning curve, {label}:", "", "| training rows per fold | ROC-AUC | nested escalation | "
+                  "nested auto acc. | hindsight escalation |", "|---|---|---|---|---|"]
+        lines += [f"| {p['train_rows']} | {p['roc_auc']:.3f} | {p['escalation_rate']:.3f} | {p['auto_accuracy']:.3f} | "
+                  f"{p['hindsight_escalation_rate']:.3f} |" for p in points]
     return "\n".join(lines)

@@ -190,6 +190,8 @@ def triage_ceiling(
     json_out: Path = typer.Option(Path("out/triage-ceiling.json"), "--json-out"),
     speed_texts: int = typer.Option(128, help="OpenAI-set texts timed per embedder (alternating rounds)."),
     rounds: int = typer.Option(2, help="Timing rounds (best round kept)."),
+    curves: bool = typer.Option(True, "--curves/--no-curves",
+                                help="Learning curves of two stacks (a quarter to all of the training rows)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Stacks of every view (embedders with logistic or RBF heads, the lexical view) on the OpenAI set: ROC-AUC,
@@ -203,7 +205,7 @@ def triage_ceiling(
     try:
         report = ceiling([e.strip() for e in embedders.split(",") if e.strip()], datasets_dir=settings(ctx).datasets_dir,
                          speed_texts=speed_texts, rounds=rounds, progress=progress,
-                         short_texts=sample_texts(speed_texts, seed=7))
+                         short_texts=sample_texts(speed_texts, seed=7), curves=curves)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         return

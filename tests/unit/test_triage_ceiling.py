@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.triage.lexical import LexicalFeatures
-from triage_models.ceiling import LEXICAL, View, evaluate_stack, stack_rate
+from triage_models.ceiling import LEXICAL, View, evaluate_stack, learning_curve, stack_rate
 
 
 def _two_halves(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,3 +69,15 @@ def test_a_stack_runs_its_embedders_one_after_another() -> None:
     assert stack_rate(["a", "b"], rates) == pytest.approx(50.0)
     assert stack_rate(["a", "a", LEXICAL], rates) == pytest.approx(100.0)  # one embedder feeds both of its heads
     assert stack_rate(["a", "b", "c"], rates) == pytest.approx(25.0)
+
+
+def test_a_learning_curve_scores_every_fraction_on_the_same_whole_held_out_rows() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 40))
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.8 * rng.normal(size=500) > 0.5).astype(np.int64)
+    points = learning_curve([View("x", x)], y, fractions=(0.25, 1.0), repeats=2)
+    assert [p["repeats"] for p in points] == [2, 1]
+    assert points[0]["train_rows"] == 100 and points[1]["train_rows"] == 400  # a quarter of each 400-row part
+    assert points[1]["roc_auc"] > points[0]["roc_auc"]  # 40 noisy dimensions: 100 rows overfit, 400 do less
+    whole = evaluate_stack([View("x", x)], y)
+    assert points[1]["roc_auc"] == pytest.approx(whole["roc_auc"])
