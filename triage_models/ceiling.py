@@ -24,7 +24,6 @@ and, if not, how far away the best one is. It measures, on the same outer folds 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,23 +86,28 @@ class View:
         return self.name == LEXICAL
 
 
-def _head(kind: str, lexical: bool, seed: int) -> Any:
+def _head(kind: str, lexical: bool) -> Any:
     if kind == "logistic":
         return LogisticRegression(C=LEXICAL_C if lexical else HEAD_C, max_iter=5000)
     if kind == "rbf":
         if lexical:
             raise ValueError("the lexical view takes a logistic head (an RBF kernel over 16,384 sparse buckets "
                              "is slow and no better)")
-        return SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed)
+        return SVC(C=1.0, kernel="rbf", gamma="scale")  # deterministic: no probability=True, so no random state
     raise ValueError(f"unknown head kind {kind!r}; choose one of {HEAD_KINDS}")
 
 
-def _features(view: View, train_rows: np.ndarray) -> Callable[[np.ndarray], Any]:
-    """rows -> the view's features, with lexical idf learnt from ``train_rows`` only."""
-    if not view.is_lexical:
-        return lambda rows: view.x[rows]
-    weigh = LexicalFeatures(n_features=view.x.shape[1]).fit_idf(view.x[train_rows]).weigh
-    return lambda rows: weigh(view.x[rows])
+def _fit_and_score(view: View, y: np.ndarray, fit_rows: np.ndarray, score_rows: np.ndarray) -> np.ndarray:
+    """The view's head fitted on ``fit_rows`` (lexical idf learnt from them only): its decision values on
+    ``score_rows``."""
+    x = view.x
+    weigh = LexicalFeatures(n_features=x.shape[1]).fit_idf(x[fit_rows]).weigh if view.is_lexical else None
+
+    def features(rows: np.ndarray) -> Any:
+        return weigh(x[rows]) if weigh is not None else x[rows]
+
+    model = _head(view.head, view.is_lexical).fit(features(fit_rows), y[fit_rows])
+    return model.decision_function(features(score_rows))
 
 
 def _decisions(views: list[View], y: np.ndarray, train: np.ndarray, score: np.ndarray,
@@ -113,12 +117,8 @@ def _decisions(views: list[View], y: np.ndarray, train: np.ndarray, score: np.nd
     d_train, d_score = np.zeros((len(train), len(views))), np.zeros((len(score), len(views)))
     for j, view in enumerate(views):
         for a, b in inner.split(train, y[train]):
-            features = _features(view, train[a])
-            model = _head(view.head, view.is_lexical, seed).fit(features(train[a]), y[train[a]])
-            d_train[b, j] = model.decision_function(features(train[b]))
-        features = _features(view, train)
-        d_score[:, j] = _head(view.head, view.is_lexical, seed).fit(features(train), y[train]).decision_function(
-            features(score))
+            d_train[b, j] = _fit_and_score(view, y, train[a], train[b])
+        d_score[:, j] = _fit_and_score(view, y, train, score)
     return d_train, d_score
 
 
@@ -158,16 +158,19 @@ def evaluate_stack(views: list[View], y: np.ndarray, *, seed: int = 0, target_ac
 
 
 def learning_curve(views: list[View], y: np.ndarray, *, fractions: tuple[float, ...] = LEARNING_FRACTIONS,
-                   repeats: int = 3) -> list[dict[str, Any]]:
+                   repeats: int = 3, whole: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The stack's results as its training rows shrink: what more in-domain rows would buy, read backwards.
 
     Each fraction below 1 is the mean over ``repeats`` random cuts of the training parts (one cut is noisy: a
-    band moves with a handful of rows); the held-out parts are always whole."""
+    band moves with a handful of rows); the held-out parts are always whole. ``whole``: the stack's
+    :func:`evaluate_stack` result on all rows, when already computed (it is the fraction 1 point)."""
     points = []
     keys = ("roc_auc", "escalation_rate", "auto_accuracy", "hindsight_escalation_rate")
     for fraction in fractions:
-        runs = [evaluate_stack(views, y, train_fraction=fraction, subsample_seed=r)
-                for r in range(repeats if fraction < 1.0 else 1)]
+        if fraction >= 1.0:
+            runs = [whole if whole is not None else evaluate_stack(views, y)]
+        else:
+            runs = [evaluate_stack(views, y, train_fraction=fraction, subsample_seed=r) for r in range(repeats)]
         points.append({"fraction": fraction, "train_rows": int(np.mean([np.mean(r["train_rows_per_fold"])
                                                                           for r in runs])),
                        "repeats": len(runs), **{k: float(np.mean([r[k] for r in runs])) for k in keys}})
@@ -206,9 +209,11 @@ def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str
         matrices[name] = x.astype(np.float64)[rows]
     baseline = timing["texts_per_s"]["minilm-fp32"]
     results = []
+    learning: dict[str, list[dict[str, Any]]] = {}
     for label, spec in wanted:
         started = time.perf_counter()
-        result = evaluate_stack([View(v, matrices[v], head) for v, head in spec], y)
+        views = [View(v, matrices[v], head) for v, head in spec]
+        result = evaluate_stack(views, y)
         rate = stack_rate([v for v, _ in spec], timing["texts_per_s"])
         row = {"stack": label, "views": [f"{v}:{h}" for v, h in spec], **result, "texts_per_s": round(rate, 1),
                "speedup_vs_baseline": round(rate / baseline, 2), "fit_seconds": round(time.perf_counter() - started, 1)}
@@ -217,8 +222,8 @@ def ceiling(embedders: list[str], *, datasets_dir: Path, stacks: tuple[tuple[str
             row |= {"short_texts_per_s": round(short_rate, 1),
                     "short_speedup_vs_baseline": round(short_rate / short["texts_per_s"]["minilm-fp32"], 2)}
         results.append(row)
-    learning = {label: learning_curve([View(v, matrices[v], head) for v, head in spec], y)
-                for label, spec in wanted if curves and label in CURVE_STACKS}
+        if curves and label in CURVE_STACKS:
+            learning[label] = learning_curve(views, y, whole=result)
     return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "openai_moderation",
             "rows": int(len(y)), "positives": int(np.sum(y)), "target": {
                 "roc_auc": TARGET_ROC_AUC, "escalation_rate": TARGET_ESCALATION, "auto_accuracy": TARGET_ACCURACY},

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -156,6 +157,22 @@ def triage_build_embedder(
     console.print_json(json.dumps({k: record[k] for k in ("name", "sha256", "bytes", "tools")}))
 
 
+def _measure_and_report(measure: Callable[[list[str]], dict[str, Any]], embedders: str, json_out: Path,
+                        table: Callable[[dict[str, Any]], str]) -> None:
+    """What `compare` and `ceiling` share: run the measurement over the comma-separated embedders, write its JSON,
+    print its table; a missing data set or an unknown or uninstalled candidate is a clear error, not a trace."""
+    from pipeline.reports import write_json
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        report = measure([e.strip() for e in embedders.split(",") if e.strip()])
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+        return
+    write_json(json_out, report)
+    console.print(table(report))
+
+
 @triage_app.command("compare")
 def triage_compare(
     ctx: typer.Context,
@@ -168,18 +185,11 @@ def triage_compare(
 ) -> None:
     """Embedders x heads on the same folds of the OpenAI set: ROC-AUC, nested escalation and accuracy, speed vs the
     sentence-transformers baseline, memory. Embeddings are cached on disk (each set once per embedder)."""
-    from pipeline.reports import write_json
     from triage_models.compare import compare, markdown_table
 
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        report = compare([e.strip() for e in embedders.split(",") if e.strip()], datasets_dir=settings(ctx).datasets_dir,
-                         speed_texts=speed_texts, rounds=rounds, progress=progress)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-        return
-    write_json(json_out, report)
-    console.print(markdown_table(report))
+    _measure_and_report(lambda names: compare(names, datasets_dir=settings(ctx).datasets_dir, speed_texts=speed_texts,
+                                              rounds=rounds, progress=progress),
+                        embedders, json_out, markdown_table)
 
 
 @triage_app.command("ceiling")
@@ -197,20 +207,13 @@ def triage_ceiling(
     """Stacks of every view (embedders with logistic or RBF heads, the lexical view) on the OpenAI set: ROC-AUC,
     nested and hindsight escalation at the accuracy target, speed vs the baseline. Answers whether any cheap
     combination reaches the issue-11 targets, and by how much the best one misses."""
-    from pipeline.reports import write_json
     from pipeline.harness.traffic import sample_texts
     from triage_models.ceiling import ceiling, markdown_table
 
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        report = ceiling([e.strip() for e in embedders.split(",") if e.strip()], datasets_dir=settings(ctx).datasets_dir,
-                         speed_texts=speed_texts, rounds=rounds, progress=progress,
-                         short_texts=sample_texts(speed_texts, seed=7), curves=curves)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-        return
-    write_json(json_out, report)
-    console.print(markdown_table(report))
+    _measure_and_report(lambda names: ceiling(names, datasets_dir=settings(ctx).datasets_dir, speed_texts=speed_texts,
+                                              rounds=rounds, progress=progress,
+                                              short_texts=sample_texts(speed_texts, seed=7), curves=curves),
+                        embedders, json_out, markdown_table)
 
 
 @triage_app.command("harvest")
